@@ -1,0 +1,58 @@
+"""Reading, listing and cancelling jobs."""
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+
+from app import jobs, jobstore, presenter
+from app.api.deps import ServicesDep, TenantDep
+from app.api.responses import job_response
+from app.schemas import JobOut, JobPage, Kind, Status
+
+router = APIRouter(tags=["jobs"])
+
+
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobOut,
+    summary="Get a job",
+    responses={404: {"description": "`job_not_found`"}},
+)
+async def get_job(job_id: uuid.UUID, services: ServicesDep, tenant: TenantDep) -> JSONResponse:
+    return await job_response(services, await jobstore.get_owned(services.pool, job_id, tenant))
+
+
+@router.get("/jobs", response_model=JobPage, summary="List jobs, newest first")
+async def list_jobs(
+    services: ServicesDep,
+    tenant: TenantDep,
+    kind: Kind | None = None,
+    status: Status | None = None,
+    resource: Annotated[str | None, Query(max_length=63)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> JSONResponse:
+    page, next_cursor = await jobstore.list_page(
+        services.pool,
+        tenant,
+        kind=kind,
+        status=status,
+        resource=resource,
+        limit=limit,
+        cursor=cursor,
+    )
+    items = [await presenter.present(job, services) for job in page]
+    return JSONResponse({"items": items, "next_cursor": next_cursor})
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    status_code=202,
+    response_model=JobOut,
+    summary="Cancel a job",
+    responses={404: {"description": "`job_not_found`"}, 409: {"description": "`job_finished`"}},
+)
+async def cancel_job(job_id: uuid.UUID, services: ServicesDep, tenant: TenantDep) -> JSONResponse:
+    return await job_response(services, await jobs.cancel(services, tenant, job_id), 202)

@@ -1,0 +1,333 @@
+"""The job store: every SQL statement about jobs. PostgreSQL owns job state.
+
+A worker claims a job with one conditional UPDATE that sets a fresh lease (a fencing token); it
+heartbeats, reports progress and finishes only `WHERE lease = $lease`. Zero rows updated means the
+lease was lost: the caller raises `LeaseLost`, rolls back and stops.
+"""
+
+import base64
+import binascii
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeAlias
+
+import asyncpg
+
+from app.errors import BadRequest, Conflict, JobNotFound, LeaseLost
+
+Connection: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
+Job = dict[str, Any]
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+ACTIVE = ("queued", "running")
+
+COLUMNS = """id, tenant_id, kind, status, resource, params, progress, result, error, attempts,
+    run_at, created_at, started_at, finished_at, seq, upload_key, result_key, expires_at,
+    cancel_requested, lease, idempotency_key, request_hash, response_status, queue_id"""
+
+
+def _job(row: asyncpg.Record | None) -> Job | None:
+    return dict(row) if row is not None else None
+
+
+async def create(
+    con: Connection,
+    *,
+    tenant: str,
+    kind: str,
+    status: str,
+    resource: str,
+    params: dict[str, Any],
+    run_at: datetime | None = None,
+    upload_key: str | None = None,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+    response_status: int | None = None,
+    job_id: uuid.UUID | None = None,
+) -> Job:
+    row = await con.fetchrow(
+        f"""INSERT INTO ferry.jobs (id, tenant_id, kind, status, resource, params, run_at,
+                upload_key, idempotency_key, request_hash, response_status,
+                idempotency_expires_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
+                CASE WHEN $9::text IS NULL THEN NULL ELSE now() + interval '24 hours' END)
+            RETURNING {COLUMNS}""",
+        job_id or uuid.uuid4(),
+        tenant,
+        kind,
+        status,
+        resource,
+        params,
+        run_at,
+        upload_key,
+        idempotency_key,
+        request_hash,
+        response_status,
+    )
+    assert row is not None
+    return dict(row)
+
+
+async def find_idempotent(con: Connection, tenant: str, key: str) -> Job | None:
+    return _job(
+        await con.fetchrow(
+            f"""SELECT {COLUMNS} FROM ferry.jobs
+                WHERE tenant_id = $1 AND idempotency_key = $2
+                  AND idempotency_expires_at > now()""",
+            tenant,
+            key,
+        )
+    )
+
+
+async def expire_idempotency_keys(con: Connection) -> None:
+    await con.execute(
+        """UPDATE ferry.jobs SET idempotency_key = NULL, idempotency_expires_at = NULL
+           WHERE idempotency_expires_at <= now()"""
+    )
+
+
+async def get(con: Connection, job_id: uuid.UUID, tenant: str | None = None) -> Job | None:
+    """The job; with `tenant`, only if that tenant owns it (another tenant's job is absent)."""
+    return _job(
+        await con.fetchrow(
+            f"""SELECT {COLUMNS} FROM ferry.jobs
+                WHERE id = $1 AND ($2::text IS NULL OR tenant_id = $2)""",
+            job_id,
+            tenant,
+        )
+    )
+
+
+async def get_owned(con: Connection, job_id: uuid.UUID, tenant: str) -> Job:
+    job = await get(con, job_id, tenant)
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+def encode_cursor(job: Job) -> str:
+    raw = json.dumps([job["created_at"].isoformat(), str(job["id"])])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, job_id = json.loads(raw)
+        return datetime.fromisoformat(created_at), uuid.UUID(job_id)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise BadRequest(
+            "The cursor is not one this service issued.", code="invalid_cursor"
+        ) from None
+
+
+async def list_page(
+    con: Connection,
+    tenant: str,
+    *,
+    kind: str | None,
+    status: str | None,
+    resource: str | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Job], str | None]:
+    """Newest first; a cursor resumes strictly after its page's last job."""
+    after = decode_cursor(cursor) if cursor else None
+    rows = await con.fetch(
+        f"""SELECT {COLUMNS} FROM ferry.jobs
+            WHERE tenant_id = $1
+              AND ($2::text IS NULL OR kind = $2)
+              AND ($3::text IS NULL OR status = $3)
+              AND ($4::text IS NULL OR resource = $4)
+              AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6::uuid))
+            ORDER BY created_at DESC, id DESC
+            LIMIT $7""",
+        tenant,
+        kind,
+        status,
+        resource,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit + 1,
+    )
+    jobs = [dict(r) for r in rows[:limit]]
+    next_cursor = encode_cursor(jobs[-1]) if len(rows) > limit else None
+    return jobs, next_cursor
+
+
+@dataclass(frozen=True)
+class Load:
+    queued: int
+    tenant_active: int
+
+
+async def load(con: Connection, tenant: str) -> Load:
+    row = await con.fetchrow(
+        """SELECT count(*) FILTER (WHERE status = 'queued') AS queued,
+                  count(*) FILTER (WHERE tenant_id = $1) AS tenant_active
+           FROM ferry.jobs WHERE status IN ('queued', 'running')""",
+        tenant,
+    )
+    assert row is not None
+    return Load(queued=row["queued"], tenant_active=row["tenant_active"])
+
+
+async def set_queue_id(con: Connection, job_id: uuid.UUID, queue_id: str) -> None:
+    await con.execute("UPDATE ferry.jobs SET queue_id = $2 WHERE id = $1", job_id, queue_id)
+
+
+async def start_upload(con: Connection, job_id: uuid.UUID, tenant: str) -> Job:
+    """awaiting_upload -> queued."""
+    row = await con.fetchrow(
+        f"""UPDATE ferry.jobs SET status = 'queued', seq = seq + 1
+            WHERE id = $1 AND tenant_id = $2 AND status = 'awaiting_upload'
+            RETURNING {COLUMNS}""",
+        job_id,
+        tenant,
+    )
+    if row is None:
+        await get_owned(con, job_id, tenant)
+        raise Conflict("The job is not awaiting an upload.", code="job_not_awaiting_upload")
+    return dict(row)
+
+
+async def claim(con: Connection, job_id: uuid.UUID, heartbeat_timeout: float) -> Job | None:
+    """Take the job's lease when it is queued and due, or running with a dead heartbeat."""
+    return _job(
+        await con.fetchrow(
+            f"""UPDATE ferry.jobs
+                SET status = 'running', attempts = attempts + 1, lease = gen_random_uuid(),
+                    heartbeat_at = now(), started_at = coalesce(started_at, now()),
+                    progress = '{{"rows": 0, "bytes": 0, "total_rows": null, "percent": null}}',
+                    seq = seq + 1
+                WHERE id = $1 AND NOT cancel_requested
+                  AND ((status = 'queued' AND (run_at IS NULL OR run_at <= now()))
+                       OR (status = 'running'
+                           AND heartbeat_at < now() - make_interval(secs => $2)))
+                RETURNING {COLUMNS}""",
+            job_id,
+            heartbeat_timeout,
+        )
+    )
+
+
+async def heartbeat(con: Connection, job_id: uuid.UUID, lease: uuid.UUID) -> bool:
+    """Refresh the lease; returns whether cancellation was requested. Raises LeaseLost."""
+    cancel = await con.fetchval(
+        """UPDATE ferry.jobs SET heartbeat_at = now()
+           WHERE id = $1 AND lease = $2 AND status = 'running'
+           RETURNING cancel_requested""",
+        job_id,
+        lease,
+    )
+    if cancel is None:
+        raise LeaseLost(str(job_id))
+    return bool(cancel)
+
+
+async def progress(
+    con: Connection, job_id: uuid.UUID, lease: uuid.UUID, progress: dict[str, Any]
+) -> int:
+    """Record progress (also a heartbeat); returns the event's sequence number."""
+    seq = await con.fetchval(
+        """UPDATE ferry.jobs SET progress = $3, heartbeat_at = now(), seq = seq + 1
+           WHERE id = $1 AND lease = $2 AND status = 'running'
+           RETURNING seq""",
+        job_id,
+        lease,
+        progress,
+    )
+    if seq is None:
+        raise LeaseLost(str(job_id))
+    return int(seq)
+
+
+async def finish(
+    con: Connection,
+    job_id: uuid.UUID,
+    lease: uuid.UUID,
+    status: str,
+    *,
+    result: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+    progress: dict[str, Any] | None = None,
+    result_key: str | None = None,
+    expires_at: datetime | None = None,
+) -> Job:
+    """End the attempt that holds `lease` in a terminal status. Raises LeaseLost."""
+    row = await con.fetchrow(
+        f"""UPDATE ferry.jobs
+            SET status = $3, result = $4, error = $5, progress = coalesce($6, progress),
+                result_key = $7, expires_at = $8, finished_at = now(), lease = NULL,
+                seq = seq + 1
+            WHERE id = $1 AND lease = $2 AND status = 'running'
+            RETURNING {COLUMNS}""",
+        job_id,
+        lease,
+        status,
+        result,
+        error,
+        progress,
+        result_key,
+        expires_at,
+    )
+    if row is None:
+        raise LeaseLost(str(job_id))
+    return dict(row)
+
+
+async def requeue(
+    con: Connection, job_id: uuid.UUID, lease: uuid.UUID, run_at: datetime | None
+) -> Job | None:
+    """Hand a running job back to the queue (retry after a transient error, or shutdown)."""
+    return _job(
+        await con.fetchrow(
+            f"""UPDATE ferry.jobs
+                SET status = 'queued', lease = NULL, heartbeat_at = NULL, run_at = $3,
+                    seq = seq + 1
+                WHERE id = $1 AND lease = $2 AND status = 'running'
+                RETURNING {COLUMNS}""",
+            job_id,
+            lease,
+            run_at,
+        )
+    )
+
+
+async def request_cancel(con: Connection, job_id: uuid.UUID, tenant: str) -> Job:
+    """Cancel a job that has not started at once; flag a running one for its worker."""
+    row = await con.fetchrow(
+        f"""UPDATE ferry.jobs
+            SET cancel_requested = true,
+                status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
+                finished_at = CASE WHEN status = 'running' THEN NULL ELSE now() END,
+                seq = seq + CASE WHEN status = 'running' THEN 0 ELSE 1 END
+            WHERE id = $1 AND tenant_id = $2 AND status NOT IN ('succeeded', 'failed', 'cancelled')
+            RETURNING {COLUMNS}""",
+        job_id,
+        tenant,
+    )
+    if row is None:
+        await get_owned(con, job_id, tenant)
+        raise Conflict("The job has already finished.", code="job_finished")
+    return dict(row)
+
+
+async def fail_unleased(
+    con: Connection, job_id: uuid.UUID, error: dict[str, Any] | None, status: str = "failed"
+) -> Job | None:
+    """End a job no worker holds (out of attempts, or cancelled while its worker was dead)."""
+    return _job(
+        await con.fetchrow(
+            f"""UPDATE ferry.jobs
+                SET status = $3, error = $2, finished_at = now(), lease = NULL, seq = seq + 1
+                WHERE id = $1 AND status IN ('queued', 'running')
+                RETURNING {COLUMNS}""",
+            job_id,
+            error,
+            status,
+        )
+    )

@@ -1,0 +1,74 @@
+"""Structured logs (structlog): JSON when not on a terminal; request, tenant and job ids bound
+through context variables; secrets scrubbed from anything that looks like a URL or header."""
+
+import logging
+import re
+import sys
+from typing import Any
+
+import structlog
+
+_SECRET = re.compile(r"((?:[?&]token=)|(?:Bearer\s+)|(?:X-Amz-Signature=))[^&\s\"']+", re.I)
+
+
+def scrub(text: str) -> str:
+    return _SECRET.sub(r"\1[redacted]", text)
+
+
+def _scrub_event(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = scrub(value)
+    return event
+
+
+class ScrubFilter(logging.Filter):
+    """Removes `?token=` and bearer keys from stdlib records (uvicorn's access log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            args = record.args if isinstance(record.args, tuple) else (record.args,)
+            record.args = tuple(scrub(a) if isinstance(a, str) else a for a in args)
+        if isinstance(record.msg, str):
+            record.msg = scrub(record.msg)
+        return True
+
+
+def configure(level: str = "INFO", json: bool | None = None) -> None:
+    if json is None:
+        json = not sys.stderr.isatty()
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _scrub_event,
+    ]
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter)
+    handler.addFilter(ScrubFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "arq"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+        logger.addFilter(ScrubFilter())
+    for noisy in ("botocore", "aiobotocore", "boto3", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

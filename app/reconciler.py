@@ -1,0 +1,117 @@
+"""The reconciler: PostgreSQL is the truth, Redis is a transport that may forget.
+
+Every `FERRY_RECONCILE_INTERVAL_SECONDS`, one worker at a time (an advisory lock) re-queues
+queued jobs whose arq message is gone, re-runs running jobs whose heartbeat stopped (or fails them
+when out of attempts), and aborts multipart uploads left behind by attempts that died.
+"""
+
+import asyncio
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from app import events, jobstore, presenter, queue
+from app.services import Services
+
+log = structlog.get_logger(__name__)
+
+LOCK = 0x46455253  # one reconciler at a time across all workers
+ENQUEUE_GRACE_SECONDS = 10  # the API sets queue_id right after its commit
+
+
+async def loop(services: Services) -> None:
+    interval = services.settings.reconcile_interval_seconds
+    while True:
+        try:
+            counts = await reconcile(services)
+            if counts:
+                log.info("reconciled", **counts)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("reconcile_failed", exc_info=True)
+        await asyncio.sleep(interval)
+
+
+async def reconcile(services: Services) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    async with services.pool.acquire() as con:
+        if not await con.fetchval("SELECT pg_try_advisory_lock($1)", LOCK):
+            return {}
+        try:
+            await _stale_running(services, counts)
+            await _lost_messages(services, counts)
+            await _abandoned_uploads(services, counts)
+            await jobstore.expire_idempotency_keys(services.pool)
+        finally:
+            await con.execute("SELECT pg_advisory_unlock($1)", LOCK)
+    return dict(counts)
+
+
+async def _stale_running(services: Services, counts: Counter[str]) -> None:
+    settings = services.settings
+    rows = await services.pool.fetch(
+        """SELECT id, attempts, cancel_requested FROM ferry.jobs
+           WHERE status = 'running' AND heartbeat_at < now() - make_interval(secs => $1)""",
+        settings.heartbeat_timeout_seconds,
+    )
+    for row in rows:
+        if row["cancel_requested"]:
+            job = await jobstore.fail_unleased(services.pool, row["id"], None, "cancelled")
+            counts["cancelled"] += 1
+        elif row["attempts"] >= settings.job_max_attempts:
+            error = {
+                "code": "attempts_exhausted",
+                "message": f"The worker running attempt {row['attempts']} stopped responding.",
+            }
+            job = await jobstore.fail_unleased(services.pool, row["id"], error)
+            counts["failed"] += 1
+        else:
+            await _enqueue(services, row["id"], None)
+            counts["rerun"] += 1
+            continue
+        if job is not None:
+            await events.publish_job(services.redis, job, await presenter.present(job, services))
+
+
+async def _lost_messages(services: Services, counts: Counter[str]) -> None:
+    rows = await services.pool.fetch(
+        """SELECT id, queue_id, run_at FROM ferry.jobs
+           WHERE status = 'queued' AND created_at < now() - make_interval(secs => $1)""",
+        ENQUEUE_GRACE_SECONDS,
+    )
+    for row in rows:
+        if row["queue_id"] is None or not await queue.is_queued(services.redis, row["queue_id"]):
+            await _enqueue(services, row["id"], row["run_at"])
+            counts["requeued"] += 1
+
+
+async def _enqueue(services: Services, job_id: uuid.UUID, run_at: datetime | None) -> None:
+    queue_id = await queue.enqueue(services.redis, job_id, run_at)
+    if queue_id is not None:
+        await jobstore.set_queue_id(services.pool, job_id, queue_id)
+
+
+async def _abandoned_uploads(services: Services, counts: Counter[str]) -> None:
+    """Abort export uploads whose attempt no longer holds its job's lease."""
+    storage = services.storage
+    leases = {
+        (str(r["id"]), str(r["lease"]))
+        for r in await services.pool.fetch(
+            "SELECT id, lease FROM ferry.jobs WHERE status = 'running' AND lease IS NOT NULL"
+        )
+    }
+    recent = datetime.now(UTC) - timedelta(seconds=5)
+    response = await storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix="exports/")
+    for upload in response.get("Uploads", []):
+        parts = upload["Key"].split("/")
+        if len(parts) != 4 or upload["Initiated"] > recent:
+            continue
+        job_id, lease = parts[2], parts[3].split(".")[0]
+        if (job_id, lease) not in leases:
+            await storage.client.abort_multipart_upload(
+                Bucket=storage.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+            )
+            counts["uploads_aborted"] += 1

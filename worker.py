@@ -1,0 +1,61 @@
+"""arq worker: `arq worker.WorkerSettings`. Startup opens the same resources as the API."""
+
+import asyncio
+import contextlib
+import uuid
+from typing import Any, ClassVar
+
+from app import export, logs, reconciler, runner
+from app.config import get_settings
+from app.queue import RUN_JOB, redis_settings
+from app.services import open_services
+
+settings = get_settings()
+
+HANDLERS: dict[str, runner.Handler] = {"export": export.run}
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    logs.configure(settings.log_level, settings.log_json)
+    stack = contextlib.AsyncExitStack()
+    ctx["stack"] = stack
+    # Each running job holds a connection for its COPY, plus heartbeat/progress headroom.
+    pool_size = settings.worker_concurrency * 2 + 4
+    services = await stack.enter_async_context(open_services(settings, pool_size))
+    ctx["services"] = services
+    ctx["reconciler"] = asyncio.create_task(reconciler.loop(services))
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    task = ctx.get("reconciler")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    stack = ctx.get("stack")
+    if stack is not None:
+        await stack.aclose()
+
+
+async def run_job(ctx: dict[str, Any], job_id: str) -> None:
+    await runner.run_job(ctx["services"], uuid.UUID(job_id), HANDLERS)
+
+
+run_job.__name__ = RUN_JOB
+
+
+class WorkerSettings:
+    functions: ClassVar[list[Any]] = [run_job]
+    on_startup = startup
+    on_shutdown = shutdown
+    redis_settings = redis_settings(settings.redis_url)
+    max_jobs = settings.worker_concurrency
+    # PostgreSQL owns retries and timeouts; arq only delivers. A long job is not a stuck job:
+    # its heartbeat says so, and the reconciler re-runs a job whose heartbeat stops.
+    job_timeout = 7 * 24 * 3600
+    max_tries = 1000
+    keep_result = 0
+    retry_jobs = True
+    # On SIGTERM, running jobs get this long to finish before they are handed back.
+    job_completion_wait = int(settings.shutdown_grace_seconds)
+    health_check_interval = 30
