@@ -16,7 +16,7 @@ from app.export import RowCounter
 from tests.conftest import Stack, Tenant, next_ids, wait_for_job
 
 AWKWARD_ROWS: list[tuple[Any, ...]] = [
-    # label,            amount,  ratio,  active, born,          seen_at,     ref,  doc,      code, big
+    # label, amount, ratio, active, born, seen_at, has ref, doc, code, big
     (
         "plain",
         "12.50",
