@@ -48,9 +48,10 @@ def free_port() -> int:
 
 def start_s3_emulator(port: int, stdout: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
     """moto's S3 server on loopback: a real HTTP endpoint, not an in-process fake."""
-    server = shutil.which("moto_server") or os.path.join(
-        os.path.dirname(sys.executable), "moto_server"
-    )
+    beside_python = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    server = beside_python if os.path.exists(beside_python) else shutil.which("moto_server")
+    if server is None:
+        raise RuntimeError("moto_server not found: install the dev extras (`make install`)")
     process = subprocess.Popen(
         [server, "-H", "127.0.0.1", "-p", str(port)],
         stdout=stdout if stdout is not None else subprocess.DEVNULL,

@@ -113,38 +113,40 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     dsn = ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
     s3_port = free_port()
     emulator = start_s3_emulator(s3_port, stdout=open(logs / "s3.log", "ab"))  # noqa: SIM115
-    redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
-    redis.Redis.from_url(redis_url).flushdb()
-    env = {
-        **os.environ,
-        **emulator_env(f"http://127.0.0.1:{s3_port}"),
-        "FERRY_DATABASE_URL": dsn,
-        "FERRY_REDIS_URL": redis_url,
-        "FERRY_S3_BUCKET": "ferry-test",
-        "FERRY_RESOURCES_FILE": str(TESTS / "resources.toml"),
-        "FERRY_RECONCILE_INTERVAL_SECONDS": "1",
-        "FERRY_HEARTBEAT_TIMEOUT_SECONDS": "6",
-        "FERRY_HEARTBEAT_INTERVAL_SECONDS": "0.5",
-        "FERRY_PROGRESS_INTERVAL_SECONDS": "0.25",
-        "FERRY_SHUTDOWN_GRACE_SECONDS": "5",
-        "FERRY_LOG_JSON": "true",
-    }
-    os.environ.update({k: v for k, v in env.items() if k.startswith(("FERRY_", "AWS_"))})
-    settings = Settings()
-    asyncio.run(_prepare_database(dsn))
-    asyncio.run(ensure_bucket(settings))
-    stack = Stack(env=env, settings=settings, dsn=dsn, logs=logs)
-    stack.api, stack.api_url = stack.start_api()
-    stack.workers = [stack.start_worker()]
+    stack: Stack | None = None
     try:
+        redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
+        redis.Redis.from_url(redis_url).flushdb()
+        env = {
+            **os.environ,
+            **emulator_env(f"http://127.0.0.1:{s3_port}"),
+            "FERRY_DATABASE_URL": dsn,
+            "FERRY_REDIS_URL": redis_url,
+            "FERRY_S3_BUCKET": "ferry-test",
+            "FERRY_RESOURCES_FILE": str(TESTS / "resources.toml"),
+            "FERRY_RECONCILE_INTERVAL_SECONDS": "1",
+            "FERRY_HEARTBEAT_TIMEOUT_SECONDS": "6",
+            "FERRY_HEARTBEAT_INTERVAL_SECONDS": "0.5",
+            "FERRY_PROGRESS_INTERVAL_SECONDS": "0.25",
+            "FERRY_SHUTDOWN_GRACE_SECONDS": "5",
+            "FERRY_LOG_JSON": "true",
+        }
+        os.environ.update({k: v for k, v in env.items() if k.startswith(("FERRY_", "AWS_"))})
+        settings = Settings()
+        asyncio.run(_prepare_database(dsn))
+        asyncio.run(ensure_bucket(settings))
+        stack = Stack(env=env, settings=settings, dsn=dsn, logs=logs, workers=[])
+        stack.api, stack.api_url = stack.start_api()
+        stack.workers.append(stack.start_worker())
         yield stack
     finally:
-        stop(stack.api)
-        for worker in stack.workers:
-            stop(worker)
+        if stack is not None:
+            stop(stack.api)
+            for worker in stack.workers or []:
+                stop(worker)
         stop(emulator)
-        for log in sorted(logs.iterdir()):
-            if os.environ.get("FERRY_TEST_SHOW_LOGS"):
+        if os.environ.get("FERRY_TEST_SHOW_LOGS"):
+            for log in sorted(logs.iterdir()):
                 sys.stderr.write(f"--- {log.name}\n{log.read_text(errors='replace')[-5000:]}\n")
         asyncio.run(_drop_database(name))
 
