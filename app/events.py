@@ -21,6 +21,7 @@ log = structlog.get_logger(__name__)
 
 PATTERN = "ferry:events:*"
 QUEUE_SIZE = 256
+PUBLISH_TIMEOUT = 1.0  # a Redis outage must not stall a job's COPY
 
 
 def channel(tenant: str, job_id: uuid.UUID | str) -> str:
@@ -51,8 +52,8 @@ async def publish(
         {"tenant": tenant, "job_id": str(job_id), "seq": seq, "frames": frames}, default=str
     )
     try:
-        await redis.publish(channel(tenant, job_id), message)
-    except (RedisError, OSError) as e:
+        await asyncio.wait_for(redis.publish(channel(tenant, job_id), message), PUBLISH_TIMEOUT)
+    except (RedisError, OSError, TimeoutError) as e:
         log.warning("event_publish_failed", job_id=str(job_id), error=str(e))
 
 

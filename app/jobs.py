@@ -29,8 +29,8 @@ def request_hash(kind: str, params: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-async def check_capacity(services: Services, tenant: str) -> None:
-    load = await jobstore.load(services.pool, tenant)
+async def check_capacity(con: jobstore.Connection, services: Services, tenant: str) -> None:
+    load = await jobstore.load(con, tenant)
     if load.queued >= services.settings.max_queued_jobs:
         raise Unavailable(
             "The queue is full; retry later.",
@@ -80,23 +80,26 @@ async def submit(
     previous = await replay(services, tenant, idempotency_key, fingerprint)
     if previous is not None:
         return previous
-    await check_capacity(services, tenant)
     status_code = 201 if awaiting_upload else 202
     try:
-        job = await jobstore.create(
-            services.pool,
-            tenant=tenant,
-            kind=kind,
-            status="awaiting_upload" if awaiting_upload else "queued",
-            resource=resource,
-            params=params,
-            run_at=run_at,
-            upload_key=upload_key,
-            idempotency_key=idempotency_key,
-            request_hash=fingerprint if idempotency_key else None,
-            response_status=status_code,
-            job_id=job_id,
-        )
+        async with services.pool.acquire() as con, con.transaction():
+            # One submission per tenant at a time, so the tenant's limit is exact.
+            await jobstore.lock_tenant(con, tenant)
+            await check_capacity(con, services, tenant)
+            job = await jobstore.create(
+                con,
+                tenant=tenant,
+                kind=kind,
+                status="awaiting_upload" if awaiting_upload else "queued",
+                resource=resource,
+                params=params,
+                run_at=run_at,
+                upload_key=upload_key,
+                idempotency_key=idempotency_key,
+                request_hash=fingerprint if idempotency_key else None,
+                response_status=status_code,
+                job_id=job_id,
+            )
     except asyncpg.UniqueViolationError:
         # Another request with the same Idempotency-Key won the race: answer as it did.
         previous = await replay(services, tenant, idempotency_key, fingerprint)

@@ -175,6 +175,11 @@ async def load(con: Connection, tenant: str) -> Load:
     return Load(queued=row["queued"], tenant_active=row["tenant_active"])
 
 
+async def lock_tenant(con: Connection, tenant: str) -> None:
+    """Serialize submissions of one tenant until the transaction ends."""
+    await con.execute("SELECT pg_advisory_xact_lock(hashtext('ferry.submit:' || $1))", tenant)
+
+
 async def set_queue_id(con: Connection, job_id: uuid.UUID, queue_id: str) -> None:
     await con.execute("UPDATE ferry.jobs SET queue_id = $2 WHERE id = $1", job_id, queue_id)
 
@@ -314,6 +319,28 @@ async def request_cancel(con: Connection, job_id: uuid.UUID, tenant: str) -> Job
         await get_owned(con, job_id, tenant)
         raise Conflict("The job has already finished.", code="job_finished")
     return dict(row)
+
+
+async def expired(con: Connection, limit: int = 500) -> list[Job]:
+    """Finished jobs past `expires_at` whose objects still exist."""
+    rows = await con.fetch(
+        """SELECT id, result_key, upload_key, result FROM ferry.jobs
+           WHERE expires_at <= now() AND NOT objects_deleted
+             AND status IN ('succeeded', 'failed', 'cancelled')
+           ORDER BY expires_at LIMIT $1""",
+        limit,
+    )
+    return [dict(r) for r in rows]
+
+
+async def mark_expired(con: Connection, job_id: uuid.UUID) -> None:
+    await con.execute(
+        """UPDATE ferry.jobs SET objects_deleted = true,
+               result = CASE WHEN result IS NULL THEN NULL
+                             ELSE result || '{"expired": true}'::jsonb END
+           WHERE id = $1""",
+        job_id,
+    )
 
 
 async def fail_unleased(

@@ -23,7 +23,8 @@ def redis_settings(url: str) -> RedisSettings:
     settings.conn_retries = 10
     settings.retry_on_timeout = True
     settings.retry_on_error = [RedisConnectionError, RedisTimeoutError, ConnectionError]
-    settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=3)
+    # Ride out a Redis restart of ~30 s: arq's poll loop dies on an unretried ConnectionError.
+    settings.retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=30)
     return settings
 
 

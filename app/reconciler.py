@@ -44,6 +44,7 @@ async def reconcile(services: Services) -> dict[str, int]:
             await _stale_running(services, counts)
             await _lost_messages(services, counts)
             await _abandoned_uploads(services, counts)
+            await _expired_results(services, counts)
             await jobstore.expire_idempotency_keys(services.pool)
         finally:
             await con.execute("SELECT pg_advisory_unlock($1)", LOCK)
@@ -92,6 +93,16 @@ async def _enqueue(services: Services, job_id: uuid.UUID, run_at: datetime | Non
     queue_id = await queue.enqueue(services.redis, job_id, run_at)
     if queue_id is not None:
         await jobstore.set_queue_id(services.pool, job_id, queue_id)
+
+
+async def _expired_results(services: Services, counts: Counter[str]) -> None:
+    """Delete the objects of jobs past `expires_at`: export results, uploads, error reports."""
+    for job in await jobstore.expired(services.pool):
+        keys = [job["result_key"], job["upload_key"], (job["result"] or {}).get("error_report_key")]
+        for key in filter(None, keys):
+            await services.storage.delete(key)
+        await jobstore.mark_expired(services.pool, job["id"])
+        counts["expired"] += 1
 
 
 async def _abandoned_uploads(services: Services, counts: Counter[str]) -> None:

@@ -77,6 +77,10 @@ class JobRun:
         return {"rows": rows, "bytes": nbytes, "total_rows": rows, "percent": 100.0}
 
     async def finish(self, con: jobstore.Connection, status: str, **fields: Any) -> jobstore.Job:
+        """End this attempt (on `con`, so an import can commit rows and status together).
+        Its objects (result, upload, error report) are kept `FERRY_RESULT_TTL_SECONDS`."""
+        ttl = timedelta(seconds=self.services.settings.result_ttl_seconds)
+        fields.setdefault("expires_at", datetime.now(UTC) + ttl)
         return await jobstore.finish(con, self.id, self.lease, status, **fields)
 
 
@@ -140,43 +144,56 @@ async def run_job(services: Services, job_id: uuid.UUID, handlers: dict[str, Han
 
 
 async def _outcome(run: JobRun, work: asyncio.Task[jobstore.Job]) -> jobstore.Job | None:
-    """Wait for the attempt and turn how it ended into the job's next state."""
+    """Wait for the attempt and turn how it ended into the job's next state.
+
+    A cancelled COPY often surfaces as an asyncpg error rather than CancelledError, so why the
+    attempt stopped is read from `run.stop_reason` and from this task's own cancellation.
+    """
     pool = run.services.pool
     try:
         return await work
-    except asyncio.CancelledError:
+    except BaseException as e:
+        if isinstance(e, LeaseLost) or run.stop_reason == "lease_lost":
+            log.warning("job_lease_lost")
+            return None
         if run.stop_reason == "cancel":
             log.info("job_cancelled")
             return await _quietly(run.finish(pool, "cancelled", progress=run.progress))
-        if run.stop_reason == "lease_lost":
-            log.warning("job_lease_lost")
-            return None
-        # The worker is shutting down: hand the job back so another worker continues now.
-        await asyncio.shield(_hand_back(run, delay=0.0))
-        raise
-    except LeaseLost:
-        log.warning("job_lease_lost")
-        return None
-    except JobFailure as e:
+        if isinstance(e, asyncio.CancelledError) or _shutting_down():
+            # The worker is stopping: hand the job back so another worker continues now.
+            log.info("job_handed_back")
+            await asyncio.shield(_hand_back(run, delay=0.0))
+            raise asyncio.CancelledError from e
+        if not isinstance(e, Exception):
+            raise
+        return await _failed(run, e)
+
+
+def _shutting_down() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def _failed(run: JobRun, e: Exception) -> jobstore.Job | None:
+    """A permanent failure ends the job; a transient one is retried with backoff."""
+    pool = run.services.pool
+    if isinstance(e, JobFailure):
         log.info("job_failed", code=e.code, message=e.message)
         error = {"code": e.code, "message": e.message}
         return await _quietly(run.finish(pool, "failed", error=error, result=e.result))
-    except Exception as e:
-        if run.stop_reason == "cancel":
-            return await _quietly(run.finish(pool, "cancelled", progress=run.progress))
-        if not is_transient(e):
-            log.exception("job_crashed")
-            error = {"code": "internal_error", "message": f"{type(e).__name__}: {e}"}
-            return await _quietly(run.finish(pool, "failed", error=error))
-        attempts = run.job["attempts"]
-        if attempts >= run.services.settings.job_max_attempts:
-            log.warning("job_out_of_attempts", error=str(e))
-            message = f"Gave up after {attempts} attempts; last error: {type(e).__name__}: {e}"
-            error = {"code": "attempts_exhausted", "message": message}
-            return await _quietly(run.finish(pool, "failed", error=error))
-        log.warning("job_retrying", error=f"{type(e).__name__}: {e}", attempt=attempts)
-        await _hand_back(run, delay=backoff(attempts))
-        return None
+    if not is_transient(e):
+        log.exception("job_crashed")
+        error = {"code": "internal_error", "message": f"{type(e).__name__}: {e}"}
+        return await _quietly(run.finish(pool, "failed", error=error))
+    attempts = run.job["attempts"]
+    if attempts >= run.services.settings.job_max_attempts:
+        log.warning("job_out_of_attempts", error=str(e))
+        message = f"Gave up after {attempts} attempts; last error: {type(e).__name__}: {e}"
+        error = {"code": "attempts_exhausted", "message": message}
+        return await _quietly(run.finish(pool, "failed", error=error))
+    log.warning("job_retrying", error=f"{type(e).__name__}: {e}", attempt=attempts)
+    await _hand_back(run, delay=backoff(attempts))
+    return None
 
 
 async def _quietly(finishing: Awaitable[jobstore.Job]) -> jobstore.Job | None:

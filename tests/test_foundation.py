@@ -13,6 +13,7 @@ from app import db
 from tests.conftest import ROOT, Stack, Tenant
 
 PROBLEM = "application/problem+json"
+ALL_MIGRATIONS = sorted(p.stem for p in (ROOT / "app" / "migrations").glob("*.sql"))
 
 
 def assert_problem(response: httpx.Response, status: int, code: str) -> dict:
@@ -134,7 +135,7 @@ async def test_migrations_are_idempotent_and_safe_concurrently(stack: Stack) -> 
         versions = await con.fetch("SELECT version FROM ferry.schema_migrations")
     finally:
         await con.close()
-    assert [r["version"] for r in versions] == ["0001_init"]
+    assert [r["version"] for r in versions] == ALL_MIGRATIONS
 
 
 async def test_fresh_database_migrates_concurrently(stack: Stack) -> None:
@@ -144,7 +145,7 @@ async def test_fresh_database_migrates_concurrently(stack: Stack) -> None:
     try:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         results = await asyncio.gather(db.migrate(dsn), db.migrate(dsn))
-        assert sorted(results, key=len) == [[], ["0001_init"]]
+        assert sorted(results, key=len) == [[], ALL_MIGRATIONS]
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         await admin.close()
