@@ -113,9 +113,8 @@ async def submit(
 
 
 async def dispatch(services: Services, job: jobstore.Job) -> None:
-    queue_id = await queue.enqueue(services.redis, job["id"], job["run_at"])
-    if queue_id is not None:
-        await jobstore.set_queue_id(services.pool, job["id"], queue_id)
+    """Send the queued job's delivery (its arq id is already on the row)."""
+    await queue.enqueue(services.redis, job["id"], job["queue_id"], job["run_at"])
 
 
 async def start_upload(services: Services, tenant: str, job_id: uuid.UUID) -> jobstore.Job:

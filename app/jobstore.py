@@ -15,6 +15,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 
+from app import queue
 from app.errors import BadRequest, Conflict, JobNotFound, LeaseLost
 
 Connection: TypeAlias = "asyncpg.Connection | asyncpg.Pool"
@@ -47,14 +48,16 @@ async def create(
     response_status: int | None = None,
     job_id: uuid.UUID | None = None,
 ) -> Job:
+    job_id = job_id or uuid.uuid4()
+    queue_id = queue.new_queue_id(job_id) if status == "queued" else None
     row = await con.fetchrow(
         f"""INSERT INTO ferry.jobs (id, tenant_id, kind, status, resource, params, run_at,
-                upload_key, idempotency_key, request_hash, response_status,
+                upload_key, idempotency_key, request_hash, response_status, queue_id,
                 idempotency_expires_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
                 CASE WHEN $9::text IS NULL THEN NULL ELSE now() + interval '24 hours' END)
             RETURNING {COLUMNS}""",
-        job_id or uuid.uuid4(),
+        job_id,
         tenant,
         kind,
         status,
@@ -65,6 +68,7 @@ async def create(
         idempotency_key,
         request_hash,
         response_status,
+        queue_id,
     )
     assert row is not None
     return dict(row)
@@ -180,18 +184,22 @@ async def lock_tenant(con: Connection, tenant: str) -> None:
     await con.execute("SELECT pg_advisory_xact_lock(hashtext('ferry.submit:' || $1))", tenant)
 
 
-async def set_queue_id(con: Connection, job_id: uuid.UUID, queue_id: str) -> None:
+async def new_delivery(con: Connection, job_id: uuid.UUID) -> str:
+    """Record a fresh arq id for the job's next delivery; returns it."""
+    queue_id = queue.new_queue_id(job_id)
     await con.execute("UPDATE ferry.jobs SET queue_id = $2 WHERE id = $1", job_id, queue_id)
+    return queue_id
 
 
 async def start_upload(con: Connection, job_id: uuid.UUID, tenant: str) -> Job:
     """awaiting_upload -> queued."""
     row = await con.fetchrow(
-        f"""UPDATE ferry.jobs SET status = 'queued', seq = seq + 1
+        f"""UPDATE ferry.jobs SET status = 'queued', seq = seq + 1, queue_id = $3
             WHERE id = $1 AND tenant_id = $2 AND status = 'awaiting_upload'
             RETURNING {COLUMNS}""",
         job_id,
         tenant,
+        queue.new_queue_id(job_id),
     )
     if row is None:
         await get_owned(con, job_id, tenant)
@@ -292,12 +300,13 @@ async def requeue(
         await con.fetchrow(
             f"""UPDATE ferry.jobs
                 SET status = 'queued', lease = NULL, heartbeat_at = NULL, run_at = $3,
-                    seq = seq + 1
+                    seq = seq + 1, queue_id = $4
                 WHERE id = $1 AND lease = $2 AND status = 'running'
                 RETURNING {COLUMNS}""",
             job_id,
             lease,
             run_at,
+            queue.new_queue_id(job_id),
         )
     )
 

@@ -28,10 +28,16 @@ def redis_settings(url: str) -> RedisSettings:
     return settings
 
 
-async def enqueue(redis: ArqRedis, job_id: uuid.UUID, run_at: datetime | None = None) -> str | None:
-    """Queue the job under a fresh arq id; returns it, or None when Redis is unreachable (the
-    reconciler will queue the job later: it is safe in PostgreSQL)."""
-    queue_id = f"{job_id}:{uuid.uuid4().hex[:12]}"
+def new_queue_id(job_id: uuid.UUID) -> str:
+    """A fresh arq id per delivery, so stale arq keys of an earlier delivery never block one."""
+    return f"{job_id}:{uuid.uuid4().hex[:12]}"
+
+
+async def enqueue(
+    redis: ArqRedis, job_id: uuid.UUID, queue_id: str, run_at: datetime | None = None
+) -> bool:
+    """Queue the job under `queue_id` (already recorded on the job row). False when Redis is
+    unreachable: the job is safe in PostgreSQL and the reconciler will queue it later."""
     try:
         await asyncio.wait_for(
             redis.enqueue_job(RUN_JOB, str(job_id), _job_id=queue_id, _defer_until=run_at),
@@ -39,8 +45,8 @@ async def enqueue(redis: ArqRedis, job_id: uuid.UUID, run_at: datetime | None = 
         )
     except (RedisError, OSError, TimeoutError) as e:
         log.warning("enqueue_failed", job_id=str(job_id), error=str(e))
-        return None
-    return queue_id
+        return False
+    return True
 
 
 async def is_queued(redis: ArqRedis, queue_id: str) -> bool:

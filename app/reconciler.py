@@ -18,7 +18,7 @@ from app.services import Services
 log = structlog.get_logger(__name__)
 
 LOCK = 0x46455253  # one reconciler at a time across all workers
-ENQUEUE_GRACE_SECONDS = 10  # the API sets queue_id right after its commit
+ENQUEUE_GRACE_SECONDS = 10  # the API enqueues right after its commit
 
 
 async def loop(services: Services) -> None:
@@ -90,9 +90,8 @@ async def _lost_messages(services: Services, counts: Counter[str]) -> None:
 
 
 async def _enqueue(services: Services, job_id: uuid.UUID, run_at: datetime | None) -> None:
-    queue_id = await queue.enqueue(services.redis, job_id, run_at)
-    if queue_id is not None:
-        await jobstore.set_queue_id(services.pool, job_id, queue_id)
+    queue_id = await jobstore.new_delivery(services.pool, job_id)
+    await queue.enqueue(services.redis, job_id, queue_id, run_at)
 
 
 async def _expired_results(services: Services, counts: Counter[str]) -> None:

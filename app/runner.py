@@ -5,7 +5,6 @@ worker wins the lease; everything it writes is conditional on that lease.
 """
 
 import asyncio
-import contextlib
 import random
 import time
 import uuid
@@ -215,10 +214,7 @@ async def _hand_back(run: JobRun, delay: float) -> None:
     if job is None:
         return
     await events.publish_job(services.redis, job, presenter.job_out(job))
-    queue_id = await queue.enqueue(services.redis, run.id, run_at)
-    if queue_id:
-        with contextlib.suppress(Exception):
-            await jobstore.set_queue_id(services.pool, run.id, queue_id)
+    await queue.enqueue(services.redis, run.id, job["queue_id"], run_at)
 
 
 async def _heartbeat(run: JobRun, work: asyncio.Task[Any]) -> None:
