@@ -5,6 +5,7 @@ import gzip
 import io
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import asyncpg
@@ -12,9 +13,11 @@ import httpx
 import pytest
 
 from app import csvio, validate
+from app.config import Settings
 from app.errors import JobFailure
 from app.resources import Column
-from tests.conftest import Tenant, next_ids, wait_for_job
+from app.storage import Storage
+from tests.conftest import Stack, Tenant, next_ids, stop, wait_for_job
 
 PROBLEM = "application/problem+json"
 USERS = "id,first_name,last_name,age,email"
@@ -294,3 +297,326 @@ async def test_skip_commits_exactly_the_valid_rows(
     ]
     assert "line 2" in job["result"]["errors"][2]["message"]
     assert await users_of(pool, tenant) == [(a, "One", "A", 1, None), (a + 3, "Four", "D", 4, "x")]
+
+
+async def test_too_many_errors_writes_nothing(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    a = next_ids(5)
+    body = f"{USERS}\n{a},Ok,A,1,\n{a + 1},Bad,B,x,\n{a + 2},Bad,C,y,\n"
+    job = await run_import(client, body, on_error="skip", max_errors=1)
+    assert job["status"] == "failed" and job["error"]["code"] == "too_many_errors"
+    assert job["result"]["rows_failed"] == 2 and job["result"]["rows_inserted"] == 0
+    assert job["result"]["error_report_url"]
+    assert await users_of(pool, tenant) == []
+    job = await run_import(client, body, on_error="skip", max_errors=2)
+    assert job["status"] == "succeeded"
+    assert await users_of(pool, tenant) == [(a, "Ok", "A", 1, None)]
+
+
+@pytest.mark.parametrize("bad", [False, True])
+async def test_dry_run_counts_and_writes_nothing(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant, bad: bool
+) -> None:
+    a = next_ids(5)
+    await seed(pool, tenant, [(a, "Old", "A", 1, None)])
+    before = await table_dump(pool)
+    body = f"{USERS}\n{a},New,A,2,\n{a + 1},Fresh,B,3,\n" + (f"{a + 2},Bad,C,x,\n" if bad else "")
+    job = await run_import(client, body, mode="upsert", dry_run=True, on_error="skip")
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    r = job["result"]
+    assert (r["rows_total"], r["rows_inserted"], r["rows_updated"]) == (2 + bad, 1, 1)
+    assert r["rows_failed"] == bad
+    assert await table_dump(pool) == before
+
+
+# --- File-level failures and row error codes ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"id,first_name,last_name,nickname\n1,a,b,c\n", "unknown_column"),
+        (b"id,first_name,last_name,tenant_id\n1,a,b,mine\n", "unknown_column"),
+        (b"id,first_name\n1,a\n", "missing_column"),
+        (b"id,first_name,last_name,id\n1,a,b,1\n", "duplicate_column"),
+        ("id,first_name,last_name\n1,\u00e9,b\n".encode("latin-1"), "invalid_encoding"),
+        (b"id,first_name,last_name\n1,ok,b\n2,\xff\xfe,c\n", "invalid_encoding"),
+        (b"", "empty_file"),
+        (b"\n\n", "empty_file"),
+        (gzip.compress(b""), "empty_file"),
+        (b'id,first_name,last_name\n1,"never closed,b\n2,x,y\n', "malformed_csv"),
+        (gzip.compress(b"id,first_name,last_name\n1,a,b\n")[:-12], "malformed_csv"),
+    ],
+)
+async def test_file_level_failures_write_nothing(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant, data: bytes, code: str
+) -> None:
+    job = await run_import(client, data)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == code, job["error"]
+    assert job["error"]["message"]
+    assert await users_of(pool, tenant) == []
+
+
+async def test_upsert_requires_the_key_column(client: httpx.AsyncClient) -> None:
+    job = await run_import(client, "first_name,last_name\na,b\n", mode="upsert")
+    assert job["error"]["code"] == "missing_column"
+
+
+async def test_line_numbers_count_embedded_newlines(client: httpx.AsyncClient) -> None:
+    a = next_ids(5)
+    body = (
+        f'{USERS}\r\n{a},"Multi\r\nLine\r\nName",X,1,\r\n'
+        f'{a + 1},Bad,Age,"not\na number",\r\n{a + 2},"Also\nmulti",Y\r\n{a + 3},Ok,Z,4,\r\n'
+    )
+    job = await run_import(client, body, on_error="skip")
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    assert error_codes(job) == [(5, "age", "invalid_value"), (7, None, "wrong_field_count")]
+    assert job["result"]["errors"][0]["value"] == "not\na number"
+    assert job["result"]["rows_inserted"] == 2
+
+
+# --- Formats -----------------------------------------------------------------------------------
+
+
+async def test_gzip_bom_reordered_subset_semicolon_and_latin1(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    a = next_ids(10)
+    body = f"\ufeffemail;last_name;id;first_name\nx@y;Lovelace;{a};Ada\n;Hopper;{a + 1};Grace\n"
+    job = await run_import(client, gzip.compress(body.encode()), delimiter=";")
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    latin = f"last_name,first_name,id\nG\u00f6del,Kurt,{a + 2}\n".encode("latin-1")
+    job = await run_import(client, latin, encoding="latin-1")
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    rows = await users_of(pool, tenant)
+    assert rows == [
+        (a, "Ada", "Lovelace", None, "x@y"),
+        (a + 1, "Grace", "Hopper", None, None),
+        (a + 2, "Kurt", "G\u00f6del", None, None),
+    ]
+    created = await pool.fetchval(
+        "SELECT count(*) FROM users WHERE tenant_id = $1 AND created_at IS NOT NULL", tenant.name
+    )
+    assert created == 3  # a missing column takes its default
+
+
+AWKWARD = "id,label,amount,ratio,active,born,seen_at,ref,doc,code,big"
+
+
+async def test_typed_columns_are_validated_and_loaded(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    a = next_ids(20)
+    ref = uuid.uuid4()
+    good = [
+        f"{a},x,1234.5,0.25,yes,2024-02-29,2024-01-01T10:00:00+02:00,{ref},"
+        f'"{{""a"": [1]}}",abcdefgh,9223372036854775807',
+        f"{a + 1},,,,,,,,,,",
+        f'{a + 2},"",-0.01,-1e10,f,Jan 5 2024,2024-06-01 12:00,{{{ref.hex}}},null,"",-5',
+    ]
+    bad = [
+        (f"{a + 3},x,1e10,,,,,,,,", "amount"),
+        (f"{a + 4},x,,abc,,,,,,,", "ratio"),
+        (f"{a + 5},x,,,maybe,,,,,,", "active"),
+        (f"{a + 6},x,,,,2023-02-29,,,,,", "born"),
+        (f"{a + 7},x,,,,,yesterdayish,,,,", "seen_at"),
+        (f"{a + 8},x,,,,,,not-a-uuid,,,", "ref"),
+        (f"{a + 9},x,,,,,,,{{oops,,", "doc"),
+        (f"{a + 10},x,,,,,,,,abcdefghi,", "code"),
+        (f"{a + 11},x,,,,,,,,,9223372036854775808", "big"),
+        (f"x{a},x,,,,,,,,,", "id"),
+    ]
+    body = "\n".join([AWKWARD, *good, *(row for row, _ in bad)]) + "\n"
+    job = await run_import(client, body, resource="awkward", on_error="skip")
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    assert error_codes(job) == [
+        (5 + i, column, "invalid_value") for i, (_, column) in enumerate(bad)
+    ]
+    assert job["result"]["rows_inserted"] == 3
+    rows = await pool.fetch("SELECT * FROM awkward WHERE tenant_id = $1 ORDER BY id", tenant.name)
+    assert [r["id"] for r in rows] == [a, a + 1, a + 2]
+    first, empty, third = rows
+    assert str(first["amount"]) == "1234.50" and first["active"] is True
+    assert first["doc"] == {"a": [1]} and first["big"] == 2**63 - 1 and first["ref"] == ref
+    assert all(empty[c] is None for c in AWKWARD.split(",")[1:])
+    assert third["label"] == "" and third["code"] == "" and str(third["born"]) == "2024-01-05"
+
+
+async def test_clean_typed_file_takes_the_same_values_either_path(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    """The same rows, once clean (COPY fast path) and once next to a bad row (validating)."""
+    a = next_ids(10)
+    rows = [
+        f'{a},"q""uote",0.005,1.5,on,2024-01-02,2024-01-01 00:00:00Z,,"[1, ""x""]",ab  ,-1',
+        f'{a + 1},"new\nline",12,2,0,2000-12-31,2024-01-01T00:00:00.5+00:00,,{{}},,0',
+    ]
+    job = await run_import(client, "\n".join([AWKWARD, *rows]) + "\n", resource="awkward")
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    fast = await pool.fetch("SELECT * FROM awkward WHERE tenant_id = $1 ORDER BY id", tenant.name)
+    body = "\n".join([AWKWARD, *rows, f"{a + 2},x,zz,,,,,,,,"]) + "\n"
+    job = await run_import(client, body, resource="awkward", mode="replace", on_error="skip")
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    assert job["result"]["rows_failed"] == 1
+    slow = await pool.fetch("SELECT * FROM awkward WHERE tenant_id = $1 ORDER BY id", tenant.name)
+    assert [dict(r) for r in slow] == [dict(r) for r in fast]
+
+
+async def test_a_ten_megabyte_field(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    a = next_ids(3)
+    big = "x" * (10 * 1024 * 1024)
+    body = f'id,label\n{a},"{big}"\n{a + 1},small\n'
+    job = await run_import(client, body, resource="awkward")
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    length = await pool.fetchval("SELECT length(label) FROM awkward WHERE id = $1", a)
+    assert length == len(big)
+    # The validating path too (a bad row forces it); a bad 10 MB value is clipped in the report.
+    body = f'id,code\n{a + 2},"{big}"\n'
+    job = await run_import(client, body, resource="awkward")
+    assert job["error"]["code"] == "invalid_rows"
+    assert job["result"]["errors"][0]["column"] == "code"
+    assert len(job["result"]["errors"][0]["value"]) <= 1001
+
+
+# --- Upload forms and the API ------------------------------------------------------------------
+
+
+async def test_presigned_upload_flow(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    a = next_ids(3)
+    response = await client.post("/imports", json={"resource": "users", "mode": "upsert"})
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["status"] == "awaiting_upload" and job["params"]["mode"] == "upsert"
+    assert job["upload_url"] and job["upload_expires_at"]
+    assert response.headers["location"].endswith(f"/jobs/{job['id']}")
+    assert_problem(await client.post(f"/imports/{job['id']}/start"), 422, "upload_missing")
+    async with httpx.AsyncClient(timeout=60) as plain:
+        put = await plain.put(job["upload_url"], content=f"{USERS}\n{a},Pre,Signed,1,\n".encode())
+    assert put.status_code == 200, put.text
+    started = await client.post(f"/imports/{job['id']}/start")
+    assert started.status_code == 202, started.text
+    assert started.json()["status"] in ("queued", "running", "succeeded")
+    done = await wait_for_job(client, job["id"])
+    assert done["status"] == "succeeded", done
+    assert done["result"]["rows_inserted"] == 1
+    assert await users_of(pool, tenant) == [(a, "Pre", "Signed", 1, None)]
+    again = await client.post(f"/imports/{job['id']}/start")
+    assert_problem(again, 409, "job_not_awaiting_upload")
+    key = await pool.fetchval(
+        "SELECT upload_key FROM ferry.jobs WHERE id = $1", uuid.UUID(job["id"])
+    )
+    assert key == f"imports/{tenant.name}/{job['id']}/upload"
+
+
+async def test_multipart_key_ignores_the_filename(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    job = await run_import(client, f"{USERS}\n{next_ids(1)},A,B,1,\n")
+    key = await pool.fetchval(
+        "SELECT upload_key FROM ferry.jobs WHERE id = $1", uuid.UUID(job["id"])
+    )
+    assert key == f"imports/{tenant.name}/{job['id']}/upload"
+    assert job["params"] == {
+        "resource": "users",
+        "mode": "insert",
+        "on_error": "abort",
+        "max_errors": None,
+        "dry_run": False,
+        "delimiter": ",",
+        "encoding": "utf-8",
+    }
+
+
+async def test_refused_import_requests_create_no_job(client: httpx.AsyncClient) -> None:
+    assert_problem(await upload(client, b"a\n", resource="nope"), 422, "unknown_resource")
+    assert_problem(await upload(client, b"a\n", resource="adults"), 422, "operation_not_allowed")
+    body = assert_problem(await upload(client, b"a\n", mode="merge"), 422, "validation_error")
+    assert body["errors"][0]["field"] == "mode"
+    assert_problem(await client.post("/imports", json={"mode": "insert"}), 422, "validation_error")
+    assert_problem(await client.post("/imports", json=[1]), 422, "validation_error")
+    assert_problem(
+        await client.post("/imports", json={"resource": "nope"}), 422, "unknown_resource"
+    )
+    no_file = await client.post("/imports", data={"resource": "users"}, files={"x": ("a", b"1")})
+    assert_problem(no_file, 422, "validation_error")
+    assert_problem(
+        await client.post("/imports", content=b"x", headers={"content-type": "text/csv"}),
+        415,
+        "unsupported_media_type",
+    )
+    assert (await client.get("/jobs", params={"kind": "import"})).json()["items"] == []
+
+
+async def test_other_tenant_cannot_see_or_start_an_import(
+    client: httpx.AsyncClient, stack: Stack, other_tenant: Tenant
+) -> None:
+    job = (await client.post("/imports", json={"resource": "users"})).json()
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=other_tenant.headers) as other:
+        assert_problem(await other.post(f"/imports/{job['id']}/start"), 404, "job_not_found")
+        assert_problem(await other.get(f"/imports/{job['id']}/errors"), 404, "job_not_found")
+
+
+async def test_oversize_multipart_upload_is_413_and_leaves_nothing(
+    stack: Stack, tenant: Tenant, pool: asyncpg.Pool
+) -> None:
+    limit = 6 * 1024 * 1024  # over one S3 part, so a multipart upload was started and aborted
+    process, url = stack.start_api(FERRY_MAX_UPLOAD_BYTES=str(limit))
+    try:
+        async with httpx.AsyncClient(base_url=url, headers=tenant.headers, timeout=60) as small:
+            data = b"id,first_name,last_name\n" + b"1,a,b\n" * (limit // 6 + 10)
+            response = await upload(small, data)
+            assert_problem(response, 413, "upload_too_large")
+            fits = await upload(small, b"id,first_name,last_name\n")
+            assert fits.status_code == 202
+    finally:
+        stop(process)
+    jobs = await pool.fetchval("SELECT count(*) FROM ferry.jobs WHERE tenant_id = $1", tenant.name)
+    assert jobs == 1
+
+    async with AsyncExitStack() as exit_stack:
+        storage = await Storage.open(Settings(), exit_stack)
+        assert await storage.open_uploads(f"imports/{tenant.name}/") == []
+        listed = await storage.client.list_objects_v2(
+            Bucket=storage.bucket, Prefix=f"imports/{tenant.name}/"
+        )
+        assert len(listed.get("Contents", [])) == 1  # only the accepted job's file
+
+
+async def test_idempotent_multipart_import(client: httpx.AsyncClient) -> None:
+    data = f"{USERS}\n{next_ids(1)},I,D,1,\n".encode()
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
+    files = {"file": ("f.csv", data)}
+    first = await client.post("/imports", data={"resource": "users"}, files=files, headers=headers)
+    again = await client.post("/imports", data={"resource": "users"}, files=files, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    other = await client.post(
+        "/imports", data={"resource": "users", "mode": "upsert"}, files=files, headers=headers
+    )
+    assert_problem(other, 409, "idempotency_key_reused")
+
+
+@pytest.mark.slow
+async def test_half_a_million_rows_exactly(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    n = 500_000
+    a = next_ids(n)
+    body = "".join(f"{a + i},First{i},Last,{i % 90},u{i}@example.com\n" for i in range(n))
+    job = await run_import(client, gzip.compress((USERS + "\n" + body).encode(), 1))
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    assert job["result"]["rows_inserted"] == n and job["result"]["rows_total"] == n
+    stats = await pool.fetchrow(
+        "SELECT count(*) AS n, min(id) AS lo, max(id) AS hi, sum(age) AS ages"
+        " FROM users WHERE tenant_id = $1",
+        tenant.name,
+    )
+    assert (stats["n"], stats["lo"], stats["hi"]) == (n, a, a + n - 1)
+    assert stats["ages"] == sum(i % 90 for i in range(n))
