@@ -16,11 +16,13 @@ Read top to bottom:
 """
 
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import asyncpg
+import structlog
 
 from app import csvio, validate
 from app.db import quote_ident
@@ -30,6 +32,8 @@ from app.jobstore import Job
 from app.resources import Column, Resource
 from app.runner import JobRun
 from app.schemas import ImportParams
+
+log = structlog.get_logger(__name__)
 
 STAGE = "ferry_import_stage"
 ERRORS = "ferry_import_errors"
@@ -515,8 +519,9 @@ async def upload_report(con: asyncpg.Connection, run: JobRun) -> str:
     return key
 
 
-async def write(con: asyncpg.Connection, plan: Plan) -> None:
-    """Move the staged rows into the target table, in the import's mode."""
+async def write(con: asyncpg.Connection, plan: Plan, fast: bool = False) -> None:
+    """Move the staged rows into the target table, in the import's mode. On the fast path a
+    broken constraint means "find the bad rows" (_Fallback), not a failed job."""
     resource = plan.resource
     tenant = resource.tenant_column
     targets = [c.sql for c in plan.columns]
@@ -534,7 +539,7 @@ async def write(con: asyncpg.Connection, plan: Plan) -> None:
         await con.execute(f"DELETE FROM {resource.sql}{where}", *args)
     sql = (
         f"INSERT INTO {resource.sql} AS t ({', '.join(targets)})"
-        f" SELECT {', '.join(values)} FROM {STAGE} s ORDER BY s.{LINE}"
+        f" SELECT {', '.join(values)} FROM {STAGE} s"
     )
     if plan.params.mode == "upsert":
         conflict = ", ".join(quote_ident(c) for c in resource.conflict_columns)
@@ -548,6 +553,8 @@ async def write(con: asyncpg.Connection, plan: Plan) -> None:
     try:
         await con.execute(sql, *args)
     except asyncpg.IntegrityConstraintViolationError as e:
+        if fast:
+            raise _Fallback(str(e)) from None
         detail = f" ({e.detail})" if getattr(e, "detail", None) else ""
         raise JobFailure(
             "constraint_violation", f"A row breaks a table constraint: {e}{detail}"
@@ -565,9 +572,12 @@ async def run(run: JobRun) -> Job:
 
     async with services.pool.acquire() as con, con.transaction():
         await run.report(0, 0, force=True)
-        plan, total = await _stage(con, run, resource, params, counter)
-        inserted, updated = await count_written(con, plan)
-        failed: int = await con.fetchval(f"SELECT count(DISTINCT line) FROM {ERRORS}")
+        plan, total, written = await _stage(con, run, resource, params, counter)
+        if written:  # the fast path already wrote every row: no row was bad
+            inserted, updated, failed = total, 0, 0
+        else:
+            inserted, updated = await count_written(con, plan)
+            failed = await con.fetchval(f"SELECT count(DISTINCT line) FROM {ERRORS}")
         result: dict[str, Any] = {
             "rows_total": total,
             "rows_inserted": inserted,
@@ -594,8 +604,10 @@ async def run(run: JobRun) -> Job:
                 nothing,
             )
         try:
-            if not params.dry_run:
+            if not params.dry_run and not written:
+                started = time.monotonic()
                 await write(con, plan)
+                log.info("import_written", mode=params.mode, seconds=_since(started))
             return await run.finish(
                 con,
                 "succeeded",
@@ -614,25 +626,50 @@ async def _stage(
     resource: Resource,
     params: ImportParams,
     counter: Counter,
-) -> tuple[Plan, int]:
-    """Read the file into the staging table (fast path first); returns the plan, record count."""
+) -> tuple[Plan, int, bool]:
+    """Read the file into the staging table, fast path first. Returns the plan, the record
+    count, and whether the rows are already written.
+
+    On the fast path, `insert` and `replace` write at once and let the table's own constraints
+    (unique key, NOT NULL, CHECK) say whether any row is bad; `upsert` and `dry_run` run the
+    checks a write cannot (another tenant's key, the update count) as queries instead."""
     async with open_text(run, params, counter) as text:
         line, header, text = await read_header(text, params.delimiter)
         plan = make_plan(resource, params, run.tenant, csvio.split(header, params.delimiter))
         await load_catalog(con, plan)
         if line == 1 and "\n" not in header:
+            started = time.monotonic()
             try:
                 async with con.transaction():  # a savepoint: a failed fast path leaves nothing
                     await create_tables(con, plan)
                     total = await fast_load(con, run, plan, text, counter)
-                    if await fast_problems(con, plan):
+                    copied = _since(started)
+                    write_now = params.mode != "upsert" and not params.dry_run
+                    if write_now:
+                        await write(con, plan, fast=True)
+                    elif await fast_problems(con, plan):
                         raise _Fallback
-                    return plan, total
-            except (_Fallback, asyncpg.DataError):
-                pass
+                    log.info(
+                        "import_staged",
+                        path="copy",
+                        rows=total,
+                        written=write_now,
+                        seconds=_since(started),
+                        copy_seconds=copied,
+                    )
+                    return plan, total, write_now
+            except (_Fallback, asyncpg.DataError) as e:
+                reason = str(e) or type(e).__name__
+                log.info("import_fast_path_left", reason=reason[:200], seconds=_since(started))
+    started = time.monotonic()
     counter.bytes = 0
     async with open_text(run, params, counter) as text:
         await create_tables(con, plan)
         total = await validating_load(con, run, plan, text, counter)
         await record_row_errors(con, plan)
-    return plan, total
+    log.info("import_staged", path="validating", rows=total, seconds=_since(started))
+    return plan, total, False
+
+
+def _since(started: float) -> float:
+    return round(time.monotonic() - started, 3)
