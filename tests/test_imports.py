@@ -620,3 +620,24 @@ async def test_half_a_million_rows_exactly(
     )
     assert (stats["n"], stats["lo"], stats["hi"]) == (n, a, a + n - 1)
     assert stats["ages"] == sum(i % 90 for i in range(n))
+
+
+@pytest.mark.slow
+async def test_cancel_mid_import_rolls_back(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    n = 300_000
+    a = next_ids(n)
+    # A bad first row sends the import down the (slower) validating path.
+    body = f"{USERS}\n{a},Bad,Row,x,\n" + "".join(
+        f"{a + i},F{i},L,{i % 90},\n" for i in range(1, n)
+    )
+    response = await upload(client, gzip.compress(body.encode(), 1), on_error="skip")
+    assert response.status_code == 202
+    job_id = response.json()["id"]
+    running = await wait_for_job(client, job_id, statuses=("running", "succeeded", "failed"))
+    assert running["status"] == "running"
+    assert (await client.post(f"/jobs/{job_id}/cancel")).status_code == 202
+    job = await wait_for_job(client, job_id)
+    assert job["status"] == "cancelled"
+    assert await users_of(pool, tenant) == []
