@@ -1,8 +1,10 @@
 """Imports (issue 4): both upload forms, modes, validation, error report, atomicity, isolation."""
 
+import asyncio
 import csv
 import gzip
 import io
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -641,3 +643,45 @@ async def test_cancel_mid_import_rolls_back(
     job = await wait_for_job(client, job_id)
     assert job["status"] == "cancelled"
     assert await users_of(pool, tenant) == []
+
+
+async def test_client_disconnect_mid_upload_aborts_it(
+    stack: Stack, tenant: Tenant, pool: asyncpg.Pool
+) -> None:
+    host, port = stack.api_url.removeprefix("http://").split(":")
+    boundary = "ferryboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="resource"\r\n\r\nusers\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.csv"\r\n'
+        "Content-Type: text/csv\r\n\r\nid,first_name,last_name\r\n"
+    ).encode()
+    sent = 12 * 1024 * 1024  # more than one S3 part: a multipart upload is under way
+    request = (
+        f"POST /imports HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {tenant.key}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(head) + sent * 2}\r\n\r\n"
+    ).encode()
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request + head)
+    row = b"1,a,b\r\n" * 1024
+    for _ in range(sent // len(row)):
+        writer.write(row)
+        await writer.drain()
+    prefix = f"imports/{tenant.name}/"
+    async with AsyncExitStack() as exit_stack:
+        storage = await Storage.open(Settings(), exit_stack)
+        deadline = time.monotonic() + 30
+        while not await storage.open_uploads(prefix):  # the upload really started
+            assert time.monotonic() < deadline, "no multipart upload was started"
+            await asyncio.sleep(0.1)
+        writer.close()  # the client goes away mid-body
+        deadline = time.monotonic() + 30
+        while await storage.open_uploads(prefix):
+            assert time.monotonic() < deadline, "the multipart upload was not aborted"
+            await asyncio.sleep(0.1)
+        listed = await storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=prefix)
+        assert listed.get("Contents", []) == []
+    assert (
+        await pool.fetchval("SELECT count(*) FROM ferry.jobs WHERE tenant_id = $1", tenant.name)
+        == 0
+    )
