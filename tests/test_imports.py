@@ -14,10 +14,12 @@ import asyncpg
 import httpx
 import pytest
 
-from app import csvio, validate
+from app import csvio, importer, validate
 from app.config import Settings
-from app.errors import JobFailure
+from app.errors import JobFailure, LeaseLost
 from app.resources import Column
+from app.runner import JobRun
+from app.services import open_services
 from app.storage import Storage
 from tests.conftest import Stack, Tenant, next_ids, stop, wait_for_job
 
@@ -684,4 +686,41 @@ async def test_client_disconnect_mid_upload_aborts_it(
     assert (
         await pool.fetchval("SELECT count(*) FROM ferry.jobs WHERE tenant_id = $1", tenant.name)
         == 0
+    )
+
+
+class _SilentRun(JobRun):
+    async def report(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+async def test_an_attempt_without_the_lease_commits_nothing(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    """The rows and the job's status commit together, fenced by the lease: an attempt whose
+    lease was taken over (e.g. after a long pause) writes nothing, and the job is untouched."""
+    a = next_ids(3)
+    job = (await client.post("/imports", json={"resource": "users"})).json()
+    async with httpx.AsyncClient(timeout=60) as plain:
+        await plain.put(job["upload_url"], content=f"{USERS}\n{a},Late,Worker,1,\n".encode())
+    job_id = uuid.UUID(job["id"])
+    current = uuid.uuid4()  # the lease another attempt holds now
+    await pool.execute(
+        "UPDATE ferry.jobs SET status = 'running', lease = $2,"
+        " heartbeat_at = now() + interval '1 hour' WHERE id = $1",  # never looks dead
+        job_id,
+        current,
+    )
+    row = dict(await pool.fetchrow("SELECT * FROM ferry.jobs WHERE id = $1", job_id))
+    row["lease"] = uuid.uuid4()  # this attempt's lease: stale
+    async with open_services(Settings(), 4) as services:
+        with pytest.raises(LeaseLost):
+            await importer.run(_SilentRun(services, row))
+    assert await users_of(pool, tenant) == []
+    after = await pool.fetchrow(
+        "SELECT status, lease, result FROM ferry.jobs WHERE id = $1", job_id
+    )
+    assert (after["status"], after["lease"], after["result"]) == ("running", current, None)
+    await pool.execute(
+        "UPDATE ferry.jobs SET status = 'cancelled', lease = NULL WHERE id = $1", job_id
     )
