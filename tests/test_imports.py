@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 import httpx
@@ -498,6 +499,13 @@ async def test_presigned_upload_flow(
     job = response.json()
     assert job["status"] == "awaiting_upload" and job["params"]["mode"] == "upsert"
     assert job["upload_url"] and job["upload_expires_at"]
+    signed = dict(parse_qsl(urlsplit(job["upload_url"]).query))
+    assert signed["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"
+    assert signed["X-Amz-SignedHeaders"] == "host"  # a plain PUT: no header is required
+    assert signed["X-Amz-Expires"] == "3600"
+    assert urlsplit(job["upload_url"]).path.endswith(f"/imports/{tenant.name}/{job['id']}/upload")
+    openapi = (await client.get("/openapi.json")).json()["paths"]
+    assert {"/imports", "/imports/{job_id}/start", "/imports/{job_id}/errors"} <= set(openapi)
     assert response.headers["location"].endswith(f"/jobs/{job['id']}")
     assert_problem(await client.post(f"/imports/{job['id']}/start"), 422, "upload_missing")
     async with httpx.AsyncClient(timeout=60) as plain:
@@ -578,9 +586,22 @@ async def test_oversize_multipart_upload_is_413_and_leaves_nothing(
             assert_problem(response, 413, "upload_too_large")
             fits = await upload(small, b"id,first_name,last_name\n")
             assert fits.status_code == 202
+            # The presigned form is checked when started: the job stays awaiting_upload.
+            job = (await small.post("/imports", json={"resource": "users"})).json()
+            async with httpx.AsyncClient(timeout=60) as plain:
+                put = await plain.put(job["upload_url"], content=data)
+                assert put.status_code == 200
+                assert_problem(
+                    await small.post(f"/imports/{job['id']}/start"), 413, "upload_too_large"
+                )
+                assert (await small.get(f"/jobs/{job['id']}")).json()["status"] == "awaiting_upload"
+                await small.post(f"/jobs/{job['id']}/cancel")
     finally:
         stop(process)
-    jobs = await pool.fetchval("SELECT count(*) FROM ferry.jobs WHERE tenant_id = $1", tenant.name)
+    jobs = await pool.fetchval(
+        "SELECT count(*) FROM ferry.jobs WHERE tenant_id = $1 AND status <> 'cancelled'",
+        tenant.name,
+    )
     assert jobs == 1
 
     async with AsyncExitStack() as exit_stack:
@@ -589,7 +610,7 @@ async def test_oversize_multipart_upload_is_413_and_leaves_nothing(
         listed = await storage.client.list_objects_v2(
             Bucket=storage.bucket, Prefix=f"imports/{tenant.name}/"
         )
-        assert len(listed.get("Contents", [])) == 1  # only the accepted job's file
+        assert len(listed.get("Contents", [])) == 2  # the accepted job's, the presigned PUT
 
 
 async def test_idempotent_multipart_import(client: httpx.AsyncClient) -> None:
