@@ -745,3 +745,65 @@ async def test_an_attempt_without_the_lease_commits_nothing(
     await pool.execute(
         "UPDATE ferry.jobs SET status = 'cancelled', lease = NULL WHERE id = $1", job_id
     )
+
+
+async def items_of(pool: asyncpg.Pool, tenant: Tenant) -> list[tuple[Any, ...]]:
+    rows = await pool.fetch(
+        "SELECT code, qty FROM scoped_items WHERE tenant_id = $1 ORDER BY code", tenant.name
+    )
+    return [tuple(r) for r in rows]
+
+
+async def test_keys_unique_per_tenant(
+    client: httpx.AsyncClient,
+    stack: Stack,
+    pool: asyncpg.Pool,
+    tenant: Tenant,
+    other_tenant: Tenant,
+) -> None:
+    async with httpx.AsyncClient(
+        base_url=stack.api_url, headers=other_tenant.headers, timeout=60
+    ) as other:
+        assert (await run_import(other, "code,qty\nx,2\nw,3\n", resource="items"))["status"] == (
+            "succeeded"
+        )
+        job = await run_import(client, "code,qty\nx,1\n", resource="items")
+        assert job["status"] == "succeeded"  # the same key, another tenant: no conflict
+        job = await run_import(
+            client, "qty,code\n5,x\n,y\n-1,z\n", resource="items", mode="upsert", on_error="skip"
+        )
+        assert job["status"] == "succeeded", (job["error"], job["result"])
+        r = job["result"]
+        assert (r["rows_inserted"], r["rows_updated"], r["rows_failed"]) == (1, 1, 1)
+        assert error_codes(job) == [(4, "qty", "invalid_value")]  # CHECK (qty >= 0)
+        assert await items_of(pool, tenant) == [("x", 5), ("y", 0)]  # NULL took the default
+        job = await run_import(client, "code,qty\nx,9\n", resource="items")
+        assert error_codes(job) == [(2, "code", "duplicate_key")]
+        job = await run_import(other, "code\nz\n", resource="items", mode="replace")
+        assert job["status"] == "succeeded"
+        assert await items_of(pool, other_tenant) == [("z", 0)]
+        assert await items_of(pool, tenant) == [("x", 5), ("y", 0)]
+
+
+async def test_file_part_before_the_fields(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    a = next_ids(1)
+    boundary = "b0undary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n'
+        f"{USERS}\n{a},File,First,1,\n\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="mode"\r\n\r\nupsert\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="resource"\r\n\r\nusers\r\n'
+        f"--{boundary}--\r\n"
+    ).encode()
+    response = await client.post(
+        "/imports",
+        content=body,
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["params"]["mode"] == "upsert"
+    job = await wait_for_job(client, response.json()["id"])
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    assert await users_of(pool, tenant) == [(a, "File", "First", 1, None)]

@@ -6,11 +6,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, RedirectResponse
+from starlette.requests import ClientDisconnect
 
 from app import uploads
 from app.api.deps import ServicesDep, TenantDep
 from app.api.responses import PROBLEM_RESPONSES, job_response, submitted_response
-from app.errors import UnsupportedMediaType
+from app.errors import BadRequest, UnsupportedMediaType
 from app.schemas import ImportParams, JobOut
 
 router = APIRouter(tags=["imports"])
@@ -72,9 +73,14 @@ async def create_import(
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
-        submitted = await uploads.create_multipart(
-            services, tenant, request.stream(), content_type, idempotency_key
-        )
+        try:
+            submitted = await uploads.create_multipart(
+                services, tenant, request.stream(), content_type, idempotency_key
+            )
+        except ClientDisconnect:  # the upload was aborted; nobody is left to answer
+            raise BadRequest(
+                "The client went away mid-upload.", code="client_disconnected"
+            ) from None
         return await submitted_response(services, submitted)
     if media_type == "application/json":
         try:
