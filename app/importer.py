@@ -293,9 +293,9 @@ class Validator:
         self._function_ready = False
 
     async def check(
-        self, batch: list[tuple[int, csvio.Fields]]
+        self, batch: list[tuple[int, csvio.Fields]], ask_postgres: bool = False
     ) -> tuple[list[tuple[int, csvio.Fields]], list[tuple[Any, ...]]]:
-        """The good records and the errors of one batch."""
+        """The good records and the errors of one batch (`ask_postgres`: about every value)."""
         width = len(self.plan.columns)
         errors: list[tuple[Any, ...]] = []
         bad: set[int] = set()
@@ -326,7 +326,7 @@ class Validator:
                     errors.append((line, column.name, _clip(value), "invalid_value", message))
                     bad.add(index)
                     continue
-                check = self.checks[position]
+                check = _ask if ask_postgres else self.checks[position]
                 verdict = check(value) if check is not None else None
                 if verdict is None:
                     continue
@@ -368,6 +368,10 @@ class Validator:
         return answers
 
 
+def _ask(_: str) -> validate.Verdict:
+    return validate.UNSURE
+
+
 def _clip(value: str) -> str:
     return value if len(value) <= VALUE_LIMIT else value[:VALUE_LIMIT] + "…"
 
@@ -389,14 +393,29 @@ async def validating_load(
         total += len(batch)
         good, errors = await validator.check(batch)
         if good:
-            data = "".join(_csv_row(line, fields) for line, fields in good).encode()
-            await con.copy_to_table(
-                STAGE, source=_once(data), columns=[LINE, *plan.names], format="csv"
-            )
+            try:
+                async with con.transaction():  # a savepoint per batch
+                    await _stage_rows(con, plan, good)
+            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError):
+                # Python passed a value PostgreSQL refuses (a domain's CHECK, a time zone out
+                # of range...): let PostgreSQL judge every value of this batch.
+                good, more = await validator.check(good, ask_postgres=True)
+                errors = sorted(errors + more, key=lambda e: e[0])
+                await _stage_rows(con, plan, good)
         if errors:
             await con.copy_records_to_table(ERRORS, records=errors, columns=list(ERROR_COLUMNS))
         await run.report(total, counter.bytes)
     return total
+
+
+async def _stage_rows(
+    con: asyncpg.Connection, plan: Plan, records: list[tuple[int, csvio.Fields]]
+) -> None:
+    if records:
+        data = "".join(_csv_row(line, fields) for line, fields in records).encode()
+        await con.copy_to_table(
+            STAGE, source=_once(data), columns=[LINE, *plan.names], format="csv"
+        )
 
 
 def _key_match(plan: Plan) -> str:

@@ -807,3 +807,17 @@ async def test_file_part_before_the_fields(
     job = await wait_for_job(client, response.json()["id"])
     assert job["status"] == "succeeded", (job["error"], job["result"])
     assert await users_of(pool, tenant) == [(a, "File", "First", 1, None)]
+
+
+async def test_postgres_has_the_last_word_on_a_value(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    """Python's ISO parser takes a +23:00 offset, PostgreSQL does not: the row is an error."""
+    a = next_ids(3)
+    body = f"id,seen_at\n{a},2024-01-01T10:00:00+23:00\n{a + 1},2024-01-01T10:00:00+02:00\n"
+    job = await run_import(client, body, resource="awkward", on_error="skip")
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    assert error_codes(job) == [(2, "seen_at", "invalid_value")]
+    assert "time zone displacement out of range" in job["result"]["errors"][0]["message"]
+    ids = await pool.fetch("SELECT id FROM awkward WHERE tenant_id = $1", tenant.name)
+    assert [r["id"] for r in ids] == [a + 1]
