@@ -608,20 +608,11 @@ async def run(run: JobRun) -> Job:
         if failed:
             result["errors"] = await first_errors(con)
             result["error_report_key"] = await upload_report(con, run)
-        nothing = {**result, "rows_inserted": 0, "rows_updated": 0}
-        if failed and params.on_error == "abort":
-            raise JobFailure(
-                "invalid_rows",
-                f"{failed} of {total} rows are invalid; nothing was written.",
-                nothing,
-            )
-        if failed and params.max_errors is not None and failed > params.max_errors:
-            raise JobFailure(
-                "too_many_errors",
-                f"{failed} rows are invalid, more than max_errors={params.max_errors};"
-                " nothing was written.",
-                nothing,
-            )
+        failure = _failure(params, failed, total)
+        if failure is not None:
+            result.update(rows_inserted=0, rows_updated=0)  # what the real run writes: nothing
+            if not params.dry_run:
+                raise JobFailure(*failure, result=result)
         try:
             if not params.dry_run and not written:
                 started = time.monotonic()
@@ -637,6 +628,19 @@ async def run(run: JobRun) -> Job:
             if result["error_report_key"]:
                 await services.storage.delete(result["error_report_key"])
             raise
+
+
+def _failure(params: ImportParams, failed: int, total: int) -> tuple[str, str] | None:
+    """The (code, message) a job with `failed` bad rows fails with, if it does."""
+    if failed and params.on_error == "abort":
+        return "invalid_rows", f"{failed} of {total} rows are invalid; nothing was written."
+    if failed and params.max_errors is not None and failed > params.max_errors:
+        return (
+            "too_many_errors",
+            f"{failed} rows are invalid, more than max_errors={params.max_errors};"
+            " nothing was written.",
+        )
+    return None
 
 
 async def _stage(

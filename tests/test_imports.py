@@ -821,3 +821,23 @@ async def test_postgres_has_the_last_word_on_a_value(
     assert "time zone displacement out of range" in job["result"]["errors"][0]["message"]
     ids = await pool.fetch("SELECT id FROM awkward WHERE tenant_id = $1", tenant.name)
     assert [r["id"] for r in ids] == [a + 1]
+
+
+async def test_dry_run_that_a_real_run_would_fail_still_ends_succeeded(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    a = next_ids(3)
+    body = f"{USERS}\n{a},Ok,A,1,\n{a + 1},Bad,B,x,\n"
+    job = await run_import(client, body, dry_run=True)  # on_error=abort
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    r = job["result"]
+    assert (r["rows_total"], r["rows_inserted"], r["rows_updated"], r["rows_failed"]) == (
+        2,
+        0,
+        0,
+        1,
+    )
+    assert error_codes(job) == [(3, "age", "invalid_value")] and r["error_report_url"]
+    assert await users_of(pool, tenant) == []
+    job = await run_import(client, "nope\n1\n", dry_run=True)
+    assert job["status"] == "failed" and job["error"]["code"] == "unknown_column"
