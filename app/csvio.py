@@ -14,6 +14,7 @@ from app.errors import JobFailure
 
 GZIP_MAGIC = b"\x1f\x8b"
 INFLATE_CHUNK = 256 * 1024
+MAX_RECORD_CHARS = 64 * 1024 * 1024  # bounds memory when a quote is never closed
 
 Fields = list[str | None]
 
@@ -115,24 +116,38 @@ class Records:
     quote, escaped `""` included, toggles PostgreSQL's quoted state). Blank lines are skipped.
     """
 
-    def __init__(self, delimiter: str) -> None:
+    def __init__(self, delimiter: str, max_chars: int = MAX_RECORD_CHARS) -> None:
         self.delimiter = delimiter
+        self.max_chars = max_chars
         self.lines = 0  # physical lines completed so far
         self._pending: list[str] = []  # the unfinished physical line
+        self._pending_chars = 0
         self._open: list[str] = []  # physical lines of a record inside quotes
+        self._open_chars = 0
         self._open_line = 0
         self._quotes = 0
 
     def feed(self, text: str) -> Iterator[tuple[int, str]]:
         """Raw records (without their line end) completed by this text."""
-        if "\n" not in text:
-            self._pending.append(text)
-            return
         self._pending.append(text)
+        self._pending_chars += len(text)
+        if "\n" not in text:
+            self._check_size(self._pending_chars)
+            return
         lines = "".join(self._pending).split("\n")
-        self._pending = [lines.pop()]
+        last = lines.pop()
+        self._pending, self._pending_chars = [last], len(last)
         for line in lines:
             yield from self._line(line)
+
+    def _check_size(self, chars: int) -> None:
+        if self._open_chars + chars > self.max_chars:
+            start = self._open_line if self._open else self.lines + 1
+            raise JobFailure(
+                "malformed_csv",
+                f"The record at line {start} is longer than {self.max_chars} characters"
+                " (a quote never closed?).",
+            )
 
     def close(self) -> Iterator[tuple[int, str]]:
         last = "".join(self._pending)
@@ -155,12 +170,15 @@ class Records:
                     yield self.lines, record
                 return
             self._open, self._open_line, self._quotes = [line], self.lines, quotes
+            self._open_chars = len(line)
             return
         self._open.append(line)
+        self._open_chars += len(line) + 1
+        self._check_size(0)
         self._quotes += quotes
         if self._quotes % 2 == 0:
             record = "\n".join(self._open)
-            self._open = []
+            self._open, self._open_chars = [], 0
             yield self._open_line, record[:-1] if record.endswith("\r") else record
 
 

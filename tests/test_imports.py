@@ -841,3 +841,17 @@ async def test_dry_run_that_a_real_run_would_fail_still_ends_succeeded(
     assert await users_of(pool, tenant) == []
     job = await run_import(client, "nope\n1\n", dry_run=True)
     assert job["status"] == "failed" and job["error"]["code"] == "unknown_column"
+
+
+def test_an_endless_record_is_cut_off() -> None:
+    """A quote never closed must not pull the rest of a huge file into one record."""
+    splitter = csvio.Records(",", max_chars=1000)
+    list(splitter.feed('h\na,"open\n'))
+    with pytest.raises(JobFailure) as e:
+        for _ in range(100):
+            list(splitter.feed("x" * 50 + "\n"))
+    assert e.value.code == "malformed_csv" and "line 2" in e.value.message
+    splitter = csvio.Records(",", max_chars=1000)
+    with pytest.raises(JobFailure):
+        for _ in range(100):
+            list(splitter.feed("y" * 50))  # one endless physical line
