@@ -274,7 +274,8 @@ async def fast_problems(con: asyncpg.Connection, plan: Plan) -> bool:
 
 
 def _csv_row(line: int, fields: csvio.Fields) -> str:
-    cells = ["" if f is None else '"' + f.replace('"', '""') + '"' for f in fields]
+    """One staged record: every value quoted (so "" stays the empty string), NULL bare."""
+    cells = ['"' + f.replace('"', '""') + '"' if f else "" if f is None else '""' for f in fields]
     return f"{line},{','.join(cells)}\n"
 
 
@@ -300,6 +301,8 @@ class Validator:
         errors: list[tuple[Any, ...]] = []
         bad: set[int] = set()
         unsure: list[tuple[int, int, str]] = []
+        checks = [_ask] * width if ask_postgres else self.checks
+        spec = list(zip(range(width), self.plan.names, self.null_refused, checks, strict=True))
         for index, (line, fields) in enumerate(batch):
             if len(fields) != width:
                 errors.append(
@@ -313,25 +316,25 @@ class Validator:
                 )
                 bad.add(index)
                 continue
-            for position, value in enumerate(fields):
-                column = self.plan.columns[position]
+            for (position, name, refused, check), value in zip(spec, fields, strict=True):
                 if value is None:
-                    if self.null_refused[position]:
-                        message = f"Column {column.name!r} requires a value."
-                        errors.append((line, column.name, None, "missing_value", message))
+                    if refused:
+                        message = f"Column {name!r} requires a value."
+                        errors.append((line, name, None, "missing_value", message))
                         bad.add(index)
                     continue
-                if "\x00" in value:
+                if "\x00" in value:  # before PostgreSQL is asked: it cannot take a NUL
                     message = "A value cannot contain the NUL character."
-                    errors.append((line, column.name, _clip(value), "invalid_value", message))
+                    errors.append((line, name, _clip(value), "invalid_value", message))
                     bad.add(index)
                     continue
-                check = _ask if ask_postgres else self.checks[position]
-                verdict = check(value) if check is not None else None
+                if check is None:
+                    continue
+                verdict = check(value)
                 if verdict is None:
                     continue
                 if isinstance(verdict, str):
-                    errors.append((line, column.name, _clip(value), "invalid_value", verdict))
+                    errors.append((line, name, _clip(value), "invalid_value", verdict))
                     bad.add(index)
                 else:
                     unsure.append((index, position, value))
