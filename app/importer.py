@@ -686,7 +686,13 @@ async def _stage(
                     return plan, total, write_now
             except (_Fallback, asyncpg.DataError) as e:
                 reason = str(e) or type(e).__name__
-                log.info("import_fast_path_left", reason=reason[:200], seconds=_since(started))
+                where = getattr(e, "context", None)  # "COPY ..., line 3, column qty: ..."
+                log.info(
+                    "import_fast_path_left",
+                    reason=reason[:200],
+                    where=(where or "")[:200],
+                    seconds=_since(started),
+                )
     started = time.monotonic()
     counter.bytes = 0
     async with open_text(run, params, counter) as text:
