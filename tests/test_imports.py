@@ -855,3 +855,15 @@ def test_an_endless_record_is_cut_off() -> None:
     with pytest.raises(JobFailure):
         for _ in range(100):
             list(splitter.feed("y" * 50))  # one endless physical line
+
+
+async def test_bad_bytes_deep_in_a_file_fail_the_whole_import(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    """The error surfaces mid-COPY (past the first chunks): still a clean file-level failure."""
+    a = next_ids(60_000)
+    rows = "".join(f"{a + i},F,L,1,\n" for i in range(50_000))
+    data = f"{USERS}\n{rows}".encode() + b"\xc3\x28,x,y,1,\n"
+    job = await run_import(client, data)
+    assert job["status"] == "failed" and job["error"]["code"] == "invalid_encoding", job["error"]
+    assert await users_of(pool, tenant) == []
