@@ -867,3 +867,32 @@ async def test_bad_bytes_deep_in_a_file_fail_the_whole_import(
     job = await run_import(client, data)
     assert job["status"] == "failed" and job["error"]["code"] == "invalid_encoding", job["error"]
     assert await users_of(pool, tenant) == []
+
+
+async def test_gzip_bomb_in_the_worker_path_fails_upload_too_large(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    """The data path itself, with a 1 MiB limit: 64 MiB of CSV in ~70 KB of gzip is cut off."""
+    line = b"1,a,b,1,\n"
+    bomb = gzip.compress(USERS.encode() + b"\n" + line * (64 * 1024 * 1024 // len(line)), 9)
+    job = (await client.post("/imports", json={"resource": "users"})).json()
+    async with httpx.AsyncClient(timeout=60) as plain:
+        await plain.put(job["upload_url"], content=bomb)
+    job_id, lease = uuid.UUID(job["id"]), uuid.uuid4()
+    await pool.execute(
+        "UPDATE ferry.jobs SET status = 'running', lease = $2,"
+        " heartbeat_at = now() + interval '1 hour' WHERE id = $1",  # never looks dead
+        job_id,
+        lease,
+    )
+    row = dict(await pool.fetchrow("SELECT * FROM ferry.jobs WHERE id = $1", job_id))
+    try:
+        async with open_services(Settings(max_upload_bytes=1024 * 1024), 4) as services:
+            with pytest.raises(JobFailure) as e:
+                await importer.run(_SilentRun(services, row))
+        assert e.value.code == "upload_too_large"
+        assert await users_of(pool, tenant) == []
+    finally:
+        await pool.execute(
+            "UPDATE ferry.jobs SET status = 'cancelled', lease = NULL WHERE id = $1", job_id
+        )
