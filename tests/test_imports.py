@@ -896,3 +896,36 @@ async def test_gzip_bomb_in_the_worker_path_fails_upload_too_large(
         await pool.execute(
             "UPDATE ferry.jobs SET status = 'cancelled', lease = NULL WHERE id = $1", job_id
         )
+
+
+@pytest.mark.slow
+async def test_worker_killed_mid_import_then_retried_writes_each_row_once(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant, stack: Stack
+) -> None:
+    assert stack.workers
+    n = 300_000
+    a = next_ids(n)
+    # A bad first row sends the import down the (slower) validating path: time to kill it.
+    body = f"{USERS}\n{a},Bad,Row,x,\n" + "".join(
+        f"{a + i},F{i},L,{i % 90},\n" for i in range(1, n)
+    )
+    response = await upload(client, gzip.compress(body.encode(), 1), on_error="skip")
+    job_id = response.json()["id"]
+    deadline = time.monotonic() + 60
+    while True:  # running, and rows flowing
+        job = (await client.get(f"/jobs/{job_id}")).json()
+        if job["status"] == "running" and job["progress"]["rows"] > 0:
+            break
+        assert job["status"] in ("queued", "running"), job
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    victim = stack.workers.pop(0)
+    victim.kill()  # SIGKILL: no cleanup at all
+    victim.wait()
+    stack.workers.append(stack.start_worker())
+    job = await wait_for_job(client, job_id, deadline_s=180)
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    assert job["attempts"] == 2
+    assert (job["result"]["rows_inserted"], job["result"]["rows_failed"]) == (n - 1, 1)
+    count = await pool.fetchval("SELECT count(*) FROM users WHERE tenant_id = $1", tenant.name)
+    assert count == n - 1
