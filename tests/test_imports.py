@@ -929,3 +929,18 @@ async def test_worker_killed_mid_import_then_retried_writes_each_row_once(
     assert (job["result"]["rows_inserted"], job["result"]["rows_failed"]) == (n - 1, 1)
     count = await pool.fetchval("SELECT count(*) FROM users WHERE tenant_id = $1", tenant.name)
     assert count == n - 1
+
+
+async def test_a_dead_attempts_error_report_upload_is_aborted(tenant: Tenant, stack: Stack) -> None:
+    """An error report being written by an attempt that no longer holds a lease is aborted by the
+    reconciler (SPEC: within 60 s)."""
+    key = f"imports/{tenant.name}/{uuid.uuid4()}/{uuid.uuid4()}/errors.csv"
+    async with AsyncExitStack() as exit_stack:
+        storage = await Storage.open(Settings(), exit_stack)
+        await storage.client.create_multipart_upload(Bucket=storage.bucket, Key=key)
+        prefix = f"imports/{tenant.name}/"
+        assert await storage.open_uploads(prefix) == [key]
+        deadline = time.monotonic() + 60
+        while await storage.open_uploads(prefix):
+            assert time.monotonic() < deadline, "not aborted within 60 s"
+            await asyncio.sleep(0.25)
