@@ -663,7 +663,8 @@ async def _stage(
         line, header, text = await read_header(text, params.delimiter)
         plan = make_plan(resource, params, run.tenant, csvio.split(header, params.delimiter))
         await load_catalog(con, plan)
-        if line == 1 and "\n" not in header:
+        # COPY takes the header as the first physical line, and only a one-byte delimiter.
+        if line == 1 and "\n" not in header and params.delimiter.isascii():
             started = time.monotonic()
             try:
                 async with con.transaction():  # a savepoint: a failed fast path leaves nothing

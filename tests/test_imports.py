@@ -392,6 +392,13 @@ async def test_gzip_bom_reordered_subset_semicolon_and_latin1(
     body = f"\ufeffemail;last_name;id;first_name\nx@y;Lovelace;{a};Ada\n;Hopper;{a + 1};Grace\n"
     job = await run_import(client, gzip.compress(body.encode()), delimiter=";")
     assert job["status"] == "succeeded", (job["error"], job["result"])
+    job = await run_import(
+        client, f"id\u00a7first_name\u00a7last_name\n{a + 3}\u00a7S\u00a7T\n", delimiter="\u00a7"
+    )
+    assert job["status"] == "succeeded", (job["error"], job["result"])  # not a one-byte delimiter
+    utf16 = f"id\tfirst_name\tlast_name\n{a + 4}\tU\tSixteen\n".encode("utf-16")
+    job = await run_import(client, utf16, encoding="utf-16", delimiter="\t")
+    assert job["status"] == "succeeded", (job["error"], job["result"])
     latin = f"last_name,first_name,id\nG\u00f6del,Kurt,{a + 2}\n".encode("latin-1")
     job = await run_import(client, latin, encoding="latin-1")
     assert job["status"] == "succeeded", (job["error"], job["result"])
@@ -400,11 +407,13 @@ async def test_gzip_bom_reordered_subset_semicolon_and_latin1(
         (a, "Ada", "Lovelace", None, "x@y"),
         (a + 1, "Grace", "Hopper", None, None),
         (a + 2, "Kurt", "G\u00f6del", None, None),
+        (a + 3, "S", "T", None, None),
+        (a + 4, "U", "Sixteen", None, None),
     ]
     created = await pool.fetchval(
         "SELECT count(*) FROM users WHERE tenant_id = $1 AND created_at IS NOT NULL", tenant.name
     )
-    assert created == 3  # a missing column takes its default
+    assert created == 5  # a missing column takes its default
 
 
 AWKWARD = "id,label,amount,ratio,active,born,seen_at,ref,doc,code,big"
