@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app import jobs, jobstore
-from app.errors import Conflict, Invalid, NotFound, PayloadTooLarge
+from app.errors import Conflict, FerryError, Invalid, NotFound, PayloadTooLarge
 from app.resources import Resource
 from app.schemas import ImportParams
 from app.services import Services
@@ -212,7 +212,7 @@ async def create_multipart(
             upload_key=key,
             job_id=job_id,
         )
-    except BaseException:
+    except FerryError:  # refused before a job row exists: nobody will read the file
         await services.storage.delete(key)
         raise
     if submitted.replayed:
