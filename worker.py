@@ -5,14 +5,14 @@ import contextlib
 import uuid
 from typing import Any, ClassVar
 
-from app import export, logs, reconciler, runner
+from app import export, importer, logs, reconciler, runner
 from app.config import get_settings
 from app.queue import RUN_JOB, redis_settings
 from app.services import open_services
 
 settings = get_settings()
 
-HANDLERS: dict[str, runner.Handler] = {"export": export.run}
+HANDLERS: dict[str, runner.Handler] = {"export": export.run, "import": importer.run}
 
 
 async def startup(ctx: dict[str, Any]) -> None:

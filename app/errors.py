@@ -57,6 +57,10 @@ class PayloadTooLarge(FerryError):
     status, code, title = 413, "upload_too_large", "Payload Too Large"
 
 
+class UnsupportedMediaType(FerryError):
+    status, code, title = 415, "unsupported_media_type", "Unsupported Media Type"
+
+
 class Invalid(FerryError):
     """422: the request is well-formed but names something that does not fit."""
 

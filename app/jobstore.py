@@ -274,7 +274,7 @@ async def finish(
     row = await con.fetchrow(
         f"""UPDATE ferry.jobs
             SET status = $3, result = $4, error = $5, progress = coalesce($6, progress),
-                result_key = $7, expires_at = $8, finished_at = now(), lease = NULL,
+                result_key = $7, expires_at = $8, finished_at = clock_timestamp(), lease = NULL,
                 seq = seq + 1
             WHERE id = $1 AND lease = $2 AND status = 'running'
             RETURNING {COLUMNS}""",

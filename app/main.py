@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from app import __version__, logs
-from app.api import exports, health, jobs, problems, resources
+from app.api import exports, health, imports, jobs, problems, resources
 from app.config import Settings, get_settings
 from app.errors import ConfigError
 from app.events import Hub
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
-    for module in (exports, jobs, resources, health):
+    for module in (exports, imports, jobs, resources, health):
         app.include_router(module.router)
     app.add_middleware(RequestContext)
     return app

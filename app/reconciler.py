@@ -125,3 +125,15 @@ async def _abandoned_uploads(services: Services, counts: Counter[str]) -> None:
                 Bucket=storage.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
             )
             counts["uploads_aborted"] += 1
+    # Import error reports: imports/{tenant}/{job}/{lease}/errors.csv (the uploaded files,
+    # imports/{tenant}/{job}/upload, are aborted by the API process that streams them).
+    response = await storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix="imports/")
+    for upload in response.get("Uploads", []):
+        parts = upload["Key"].split("/")
+        if len(parts) != 5 or parts[4] != "errors.csv" or upload["Initiated"] > recent:
+            continue
+        if (parts[2], parts[3]) not in leases:
+            await storage.client.abort_multipart_upload(
+                Bucket=storage.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+            )
+            counts["uploads_aborted"] += 1

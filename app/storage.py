@@ -101,7 +101,8 @@ class Storage:
     async def read(self, key: str, chunk_size: int = READ_CHUNK) -> AsyncIterator[bytes]:
         """Stream an object's bytes, returning the connection to the pool when done."""
         response = await self.client.get_object(Bucket=self.bucket, Key=key)
-        async with response["Body"] as body:
+        body = response["Body"]
+        async with body:  # its __aenter__ returns the raw aiohttp response: keep `body`
             async for chunk in body.iter_chunks(chunk_size=chunk_size):
                 yield chunk
 

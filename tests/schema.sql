@@ -16,3 +16,11 @@ CREATE TABLE public.awkward (
     code        varchar(8),
     big         bigint
 );
+
+-- Imports: a key unique per tenant (the unique index includes the tenant column).
+CREATE TABLE public.scoped_items (
+    tenant_id   text NOT NULL,
+    code        text NOT NULL,
+    qty         integer NOT NULL DEFAULT 0 CHECK (qty >= 0),
+    PRIMARY KEY (tenant_id, code)
+);
