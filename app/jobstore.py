@@ -7,6 +7,7 @@ lease was lost: the caller raises `LeaseLost`, rolls back and stops.
 
 import base64
 import binascii
+import contextlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -117,7 +118,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, job_id = json.loads(raw)
-        return datetime.fromisoformat(created_at), uuid.UUID(job_id)
+        after = datetime.fromisoformat(created_at)
+        if after.tzinfo is None:
+            raise ValueError("naive time")
+        return after, uuid.UUID(job_id)
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
         raise BadRequest(
             "The cursor is not one this service issued.", code="invalid_cursor"
@@ -156,6 +160,36 @@ async def list_page(
     jobs = [dict(r) for r in rows[:limit]]
     next_cursor = encode_cursor(jobs[-1]) if len(rows) > limit else None
     return jobs, next_cursor
+
+
+async def tenant_jobs_since(
+    con: Connection, tenant: str, since: datetime | None
+) -> tuple[datetime, list[Job]]:
+    """The database's clock, and the tenant's jobs that may still change or that finished at or
+    after `since`: what a tenant's event stream re-reads after it may have missed events."""
+    async with _acquire(con) as c:
+        now: datetime = await c.fetchval("SELECT now()")
+        rows = await c.fetch(
+            f"""SELECT {COLUMNS} FROM ferry.jobs
+                WHERE tenant_id = $1
+                  AND (status NOT IN ('succeeded', 'failed', 'cancelled')
+                       OR ($2::timestamptz IS NOT NULL AND finished_at >= $2))""",
+            tenant,
+            since,
+        )
+    return now, [dict(r) for r in rows]
+
+
+def _acquire(con: Connection) -> Any:
+    if isinstance(con, asyncpg.Pool):
+        return con.acquire()
+    return contextlib.nullcontext(con)
+
+
+async def counts(con: Connection) -> dict[tuple[str, str], int]:
+    """Jobs by (kind, status), for metrics."""
+    rows = await con.fetch("SELECT kind, status, count(*) AS n FROM ferry.jobs GROUP BY 1, 2")
+    return {(r["kind"], r["status"]): int(r["n"]) for r in rows}
 
 
 @dataclass(frozen=True)

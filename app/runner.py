@@ -65,7 +65,7 @@ class JobRun:
         rows = max(rows, self.progress["rows"])  # never decreases within an attempt
         self.progress.update(rows=rows, bytes=nbytes, percent=_percent(rows, total))
         now = time.monotonic()
-        if not force and now - self._reported_at < self.services.settings.progress_interval_seconds:
+        if not force and now - self._reported_at < progress_interval(self.services):
             return
         self._reported_at = now
         seq = await jobstore.progress(self.services.pool, self.id, self.lease, self.progress)
@@ -78,6 +78,16 @@ class JobRun:
 
     async def finish(self, con: jobstore.Connection, status: str, **fields: Any) -> jobstore.Job:
         return await jobstore.finish(con, self.id, self.lease, status, **fields)
+
+
+# SPEC §4: progress frames at most 4 per second per job, at least every 2 s while rows flow.
+PROGRESS_MIN_INTERVAL = 0.25
+PROGRESS_MAX_INTERVAL = 2.0
+
+
+def progress_interval(services: Services) -> float:
+    interval = services.settings.progress_interval_seconds
+    return min(max(interval, PROGRESS_MIN_INTERVAL), PROGRESS_MAX_INTERVAL)
 
 
 def _percent(rows: int, total: int | None) -> float | None:
@@ -135,6 +145,9 @@ async def run_job(services: Services, job_id: uuid.UUID, handlers: dict[str, Han
         metrics.JOB_SECONDS.labels(job["kind"]).observe(time.monotonic() - started)
         if final is not None:
             metrics.JOBS_FINISHED.labels(job["kind"], final["status"]).inc()
+            moved = final["progress"] or {}
+            metrics.ROWS_MOVED.labels(job["kind"]).inc(moved.get("rows") or 0)
+            metrics.BYTES_MOVED.labels(job["kind"]).inc(moved.get("bytes") or 0)
             await _announce(services, final)
         structlog.contextvars.unbind_contextvars("job_id", "tenant")
 
