@@ -21,6 +21,7 @@ log = structlog.get_logger(__name__)
 
 PATTERN = "ferry:events:*"
 QUEUE_SIZE = 256
+PUBLISH_TIMEOUT = 2.0  # an unreachable Redis must not hold up a submission or a job
 
 
 def channel(tenant: str, job_id: uuid.UUID | str) -> str:
@@ -51,8 +52,9 @@ async def publish(
         {"tenant": tenant, "job_id": str(job_id), "seq": seq, "frames": frames}, default=str
     )
     try:
-        await redis.publish(channel(tenant, job_id), message)
-    except (RedisError, OSError) as e:
+        async with asyncio.timeout(PUBLISH_TIMEOUT):
+            await redis.publish(channel(tenant, job_id), message)
+    except (RedisError, OSError, TimeoutError) as e:
         log.warning("event_publish_failed", job_id=str(job_id), error=str(e))
 
 
@@ -97,14 +99,14 @@ class Hub:
 
     def __init__(self, redis_factory: Callable[[], Redis]) -> None:
         self._redis_factory = redis_factory
-        self._subs: set[Subscription] = set()
+        self._subs: dict[str, set[Subscription]] = {}  # by tenant
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self.connections = 0  # how many times the subscription was (re)established
 
     @property
     def subscribers(self) -> int:
-        return len(self._subs)
+        return sum(len(subs) for subs in self._subs.values())
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="events-hub")
@@ -117,24 +119,29 @@ class Hub:
 
     def subscribe(self, tenant: str, job_id: str | None = None) -> Subscription:
         sub = Subscription(tenant, job_id)
-        self._subs.add(sub)
+        self._subs.setdefault(tenant, set()).add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        self._subs.discard(sub)
+        subs = self._subs.get(sub.tenant)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.tenant]
 
     def dispatch(self, event: dict[str, Any]) -> None:
         tenant, job_id = event.get("tenant"), event.get("job_id")
         if not isinstance(tenant, str) or not isinstance(event.get("seq"), int):
             log.warning("event_malformed")
             return
-        for sub in list(self._subs):
-            if sub.tenant == tenant and sub.job_id in (None, job_id):
+        for sub in list(self._subs.get(tenant, ())):
+            if sub.job_id in (None, job_id):
                 sub.offer(event)
 
     def _resync_all(self) -> None:
-        for sub in list(self._subs):
-            sub.offer(RESYNC)
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                sub.offer(RESYNC)
 
     async def _run(self) -> None:
         delay = 0.1

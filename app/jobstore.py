@@ -316,12 +316,14 @@ async def finish(
 async def requeue(
     con: Connection, job_id: uuid.UUID, lease: uuid.UUID, run_at: datetime | None
 ) -> Job | None:
-    """Hand a running job back to the queue (retry after a transient error, or shutdown)."""
+    """Hand a running job back to the queue (retry after a transient error, or shutdown); a job
+    whose cancel was asked meanwhile ends `cancelled` instead (no worker would claim it)."""
     return _job(
         await con.fetchrow(
             f"""UPDATE ferry.jobs
-                SET status = 'queued', lease = NULL, heartbeat_at = NULL, run_at = $3,
-                    seq = seq + 1
+                SET status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
+                    finished_at = CASE WHEN cancel_requested THEN now() END,
+                    lease = NULL, heartbeat_at = NULL, run_at = $3, seq = seq + 1
                 WHERE id = $1 AND lease = $2 AND status = 'running'
                 RETURNING {COLUMNS}""",
             job_id,

@@ -35,6 +35,7 @@ class JobRun:
     services: Services
     job: jobstore.Job
     stop_reason: str | None = None  # "cancel" or "lease_lost", set by the heartbeat
+    finishing: bool = False  # writing its end state: too late to cancel
     progress: dict[str, Any] = field(
         default_factory=lambda: {"rows": 0, "bytes": 0, "total_rows": None, "percent": None}
     )
@@ -77,6 +78,7 @@ class JobRun:
         return {"rows": rows, "bytes": nbytes, "total_rows": rows, "percent": 100.0}
 
     async def finish(self, con: jobstore.Connection, status: str, **fields: Any) -> jobstore.Job:
+        self.finishing = True  # a cancel now could interrupt a commit that succeeds anyway
         return await jobstore.finish(con, self.id, self.lease, status, **fields)
 
 
@@ -210,6 +212,10 @@ async def _hand_back(run: JobRun, delay: float) -> None:
         return
     if job is None:
         return
+    if job["status"] == "cancelled":  # cancel was asked while it ran: it ends here
+        metrics.JOBS_FINISHED.labels(job["kind"], "cancelled").inc()
+        await _announce(services, job)
+        return
     await events.publish_job(services.redis, job, presenter.job_out(job))
     queue_id = await queue.enqueue(services.redis, run.id, run_at)
     if queue_id:
@@ -230,7 +236,7 @@ async def _heartbeat(run: JobRun, work: asyncio.Task[Any]) -> None:
         except Exception as e:
             log.warning("heartbeat_failed", error=str(e))
             continue
-        if cancel:
+        if cancel and not run.finishing:
             run.stop_reason = "cancel"
             work.cancel()
             return

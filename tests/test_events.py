@@ -6,6 +6,7 @@ synchronisation: every wait is on a frame under an `asyncio.timeout`, or a poll 
 
 import asyncio
 import base64
+import itertools
 import json
 import time
 import uuid
@@ -61,6 +62,22 @@ async def until_close(ws: ClientConnection, deadline: float = 60) -> list[dict[s
         except ConnectionClosed:
             pass
     for frame in frames:
+        check_shape(frame)
+    return frames
+
+
+async def timed_until_close(
+    ws: ClientConnection, deadline: float = 60
+) -> list[tuple[float, dict[str, Any]]]:
+    """Every frame until the server closes the socket, with its arrival time."""
+    frames = []
+    async with asyncio.timeout(deadline):
+        try:
+            async for message in ws:
+                frames.append((time.monotonic(), json.loads(message)))
+        except ConnectionClosed:
+            pass
+    for _, frame in frames:
         check_shape(frame)
     return frames
 
@@ -289,7 +306,9 @@ async def test_slow_consumer_does_not_stall_others(
 ) -> None:
     await seed_users(pool, tenant.name, 5_000)
     # `sluggish` reads nothing at all (its client buffers at most one frame).
-    async with connect(ws_url(stack.api_url, "/ws/jobs", tenant.key), max_queue=1) as sluggish:
+    async with connect(
+        ws_url(stack.api_url, "/ws/jobs", tenant.key), max_queue=1, close_timeout=1
+    ) as sluggish:
         await _wait_subscribed(stack, 1)
         jobs = [await submit(client, run_at=later(1)) for _ in range(3)]
         async with connect(ws_url(stack.api_url, "/ws/jobs", tenant.key)) as reader:
@@ -502,6 +521,8 @@ async def test_cancel_running_export_aborts_its_upload(
     job = await submit(client, format="jsonl")
     prefix = f"exports/{tenant.name}/{job['id']}/"
     async with connect(ws_url(stack.api_url, f"/ws/jobs/{job['id']}", tenant.key)) as ws:
+        snapshot = await recv(ws)
+        assert snapshot["type"] == "snapshot"
         # Wait until rows flow into an open multipart upload, then cancel.
         deadline = time.monotonic() + 60
         while not await storage.open_uploads(prefix):
@@ -510,16 +531,54 @@ async def test_cancel_running_export_aborts_its_upload(
         asked = time.monotonic()
         response = await client.post(f"/jobs/{job['id']}/cancel")
         assert response.status_code == 202, response.text
-        frames = await until_close(ws, deadline=30)
+        timed = await timed_until_close(ws, deadline=30)
         noticed = time.monotonic() - asked
+    frames = [f for _, f in timed]
     assert frames[-1]["type"] == "completed", frames[-3:]
     final = frames[-1]["job"]
     assert final["status"] == "cancelled", final
     assert final["started_at"] and final["finished_at"] and final["result"] is None
     assert noticed < 2.5, f"cancel took {noticed:.2f}s"
+    before = [] if snapshot["job"]["status"] == "running" else ["running"]
+    assert [f["status"] for f in frames if f["type"] == "status"] == [*before, "cancelled"]
     assert await storage.open_uploads(prefix) == []
     listing = await storage.client.list_objects_v2(Bucket=stack.settings.s3_bucket, Prefix=prefix)
     assert listing.get("KeyCount", 0) == 0
+
+
+async def test_progress_rate_while_rows_flow(
+    stack: Stack, client: httpx.AsyncClient, tenant: Tenant, pool: asyncpg.Pool
+) -> None:
+    """SPEC §4: at most 4 progress frames per second, at least one every 2 s while rows flow."""
+    await seed_users(pool, tenant.name, 150_000)
+    job = await submit(client, run_at=later(1), format="jsonl")
+    async with connect(ws_url(stack.api_url, f"/ws/jobs/{job['id']}", tenant.key)) as ws:
+        timed = await timed_until_close(ws)
+    assert timed[-1][1]["job"]["status"] == "succeeded"
+    times = [t for t, f in timed if f["type"] == "progress"]
+    assert len(times) >= 3, timed
+    # Arrival times carry network jitter: allow one frame of slack per window.
+    for i, t in enumerate(times):
+        assert len([u for u in times[i:] if u - t < 1.0]) <= 5, times
+    assert all(b - a < 2.5 for a, b in itertools.pairwise(times)), times
+    rows = [f["progress"]["rows"] for _, f in timed if f["type"] == "progress"]
+    assert rows == sorted(rows) and rows[-1] > 0
+
+
+async def test_requeue_of_a_job_asked_to_cancel_ends_cancelled(
+    tenant: Tenant, pool: asyncpg.Pool
+) -> None:
+    """A running job handed back (transient error, shutdown) after a cancel request stops there:
+    no worker would ever claim it again."""
+    job = await jobstore.create(
+        pool, tenant=tenant.name, kind="export", status="queued", resource="users", params={}
+    )
+    claimed = await jobstore.claim(pool, job["id"], 60)
+    assert claimed is not None
+    assert (await jobstore.request_cancel(pool, job["id"], tenant.name))["status"] == "running"
+    handed_back = await jobstore.requeue(pool, job["id"], claimed["lease"], None)
+    assert handed_back is not None and handed_back["status"] == "cancelled"
+    assert handed_back["finished_at"] is not None and handed_back["seq"] > claimed["seq"]
 
 
 async def test_cancel_running_job_that_waits_on_a_lock(
