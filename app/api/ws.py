@@ -24,6 +24,7 @@ router = APIRouter()
 
 UNAUTHORIZED = 4401
 NOT_FOUND = 4404
+INTERNAL_ERROR = 1011  # e.g. PostgreSQL unreachable: reconnect later
 TRY_AGAIN_LATER = 1013  # the client fell too far behind and was dropped: reconnect
 SEND_TIMEOUT = 10.0  # a client that takes longer than this to take one frame is dropped
 CLOSE_TIMEOUT = 2.0
@@ -125,6 +126,9 @@ async def _serve(ws: WebSocket, job_id: str | None) -> None:
         await _close(ws, TRY_AGAIN_LATER, "Too slow to keep up; reconnect.")
     except WebSocketDisconnect:
         pass
+    except Exception:
+        log.exception("websocket_failed")
+        await _close(ws, INTERNAL_ERROR, "Internal error; reconnect.")
     finally:
         if sub is not None:
             hub.unsubscribe(sub)
