@@ -77,15 +77,15 @@ class Subscription:
     tenant: str
     job_id: str | None
     queue: asyncio.Queue[dict[str, Any]] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
-    overflowed: bool = False
+    overflowed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def offer(self, event: dict[str, Any]) -> None:
-        if self.overflowed:
+        if self.overflowed.is_set():
             return
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
-            self.overflowed = True
+            self.overflowed.set()  # wakes a socket task that is stuck sending, too
             while not self.queue.empty():
                 self.queue.get_nowait()
             self.queue.put_nowait(OVERFLOW)

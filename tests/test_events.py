@@ -8,6 +8,7 @@ import asyncio
 import base64
 import itertools
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -305,7 +306,8 @@ async def test_slow_consumer_does_not_stall_others(
     stack: Stack, client: httpx.AsyncClient, tenant: Tenant, pool: asyncpg.Pool
 ) -> None:
     await seed_users(pool, tenant.name, 5_000)
-    # `sluggish` reads nothing at all (its client buffers at most one frame).
+    # `sluggish` never calls recv() (the library still drains its socket: see the raw-socket
+    # test below for a client that backs up the server).
     async with connect(
         ws_url(stack.api_url, "/ws/jobs", tenant.key), max_queue=1, close_timeout=1
     ) as sluggish:
@@ -321,6 +323,80 @@ async def test_slow_consumer_does_not_stall_others(
         assert sluggish.close_code is None  # still open, never blocked anyone
 
 
+async def test_client_that_stops_reading_is_dropped_alone(
+    stack: Stack, client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    """A client that stops reading backs up its socket, then its queue: it is closed (1013)
+    while another client of the same tenant keeps getting every frame at once."""
+    host, port = stack.api_url.removeprefix("http://").split(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: small window
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    # A raw client: it completes the handshake, then never reads another byte. (The websockets
+    # library keeps draining its socket even with max_queue=1.)
+    stuck_reader, stuck = await asyncio.open_connection(sock=sock)
+    stuck.write(
+        f"GET /ws/jobs?token={tenant.key} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    async with asyncio.timeout(10):
+        assert b" 101 " in await stuck_reader.readuntil(b"\r\n\r\n")
+    url = ws_url(stack.api_url, "/ws/jobs", tenant.key)
+    fake_job = str(uuid.uuid4())
+    frame = {"type": "progress", "job_id": fake_job, "progress": {
+        "rows": 1, "bytes": 1, "total_rows": None, "percent": None}}  # fmt: skip
+    per_event = 40
+    async with connect(url) as reader:
+        await _wait_subscribed(stack, 2)
+        got = target = 0
+        caught_up = asyncio.Event()
+
+        async def read() -> None:
+            nonlocal got
+            while True:
+                f = json.loads(await reader.recv())
+                if f["type"] == "completed":
+                    return
+                if f["job_id"] != fake_job:
+                    continue  # the real job's frames, after the flood
+                got += 1
+                if got >= target:
+                    caught_up.set()
+
+        reading = asyncio.create_task(read())
+        r = aioredis.Redis.from_url(stack.settings.redis_url)
+        sent = 0
+        try:
+            deadline = time.monotonic() + 60
+            while _gauge((await client.get("/metrics")).text, "ferry_open_websockets") > 1:
+                assert time.monotonic() < deadline, "the stuck client was never dropped"
+                assert sent < 2000, "12 MB sent and the stuck client is still served"
+                for _ in range(50):
+                    sent += 1
+                    event = {"tenant": tenant.name, "job_id": fake_job, "seq": sent,
+                             "frames": [frame] * per_event}  # fmt: skip
+                    await r.publish(events.channel(tenant.name, fake_job), json.dumps(event))
+                # The reader has everything published so far within 10 s.
+                target = sent * per_event
+                caught_up.clear()
+                if got < target:
+                    async with asyncio.timeout(10):
+                        await caught_up.wait()
+        finally:
+            await r.aclose()
+        assert got == sent * per_event
+        # The reader goes on with real events.
+        job = await submit(client)
+        async with asyncio.timeout(60):
+            await reading
+    stuck.close()
+    logs = "".join(p.read_text(errors="replace") for p in stack.logs.glob("api-*.log"))
+    assert "websocket_dropped" in logs
+    assert (await client.get(f"/jobs/{job['id']}")).json()["status"] == "succeeded"
+
+
 def test_overflowing_subscription_is_dropped_alone() -> None:
     hub = events.Hub(lambda: None)  # type: ignore[arg-type,return-value]
     slow = hub.subscribe("t1")
@@ -330,8 +406,8 @@ def test_overflowing_subscription_is_dropped_alone() -> None:
         hub.dispatch({"tenant": "t1", "job_id": "job-1", "seq": seq, "frames": []})
         if seq < events.QUEUE_SIZE:
             assert fast.queue.get_nowait()["seq"] == seq  # a reader keeps up
-    assert slow.overflowed and slow.queue.get_nowait() is events.OVERFLOW
-    assert not fast.overflowed and other.queue.empty()
+    assert slow.overflowed.is_set() and slow.queue.get_nowait() is events.OVERFLOW
+    assert not fast.overflowed.is_set() and other.queue.empty()
     hub.dispatch({"tenant": "t1"})  # malformed events are ignored, not fatal
     hub.unsubscribe(slow)
     assert hub.subscribers == 2

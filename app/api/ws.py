@@ -49,10 +49,25 @@ async def _tenant(ws: WebSocket, services: Services) -> str | None:
 
 async def _send(ws: WebSocket, frames: list[live.Frame]) -> None:
     for frame in frames:
-        try:
-            await asyncio.wait_for(ws.send_text(json.dumps(frame, default=str)), SEND_TIMEOUT)
-        except TimeoutError:
-            raise _Dropped from None
+        await ws.send_text(json.dumps(frame, default=str))
+
+
+async def _forward(ws: WebSocket, frames: list[live.Frame], dropped: asyncio.Task[Any]) -> None:
+    """Send, unless the client stops taking frames: its queue overflows meanwhile, or one
+    event's frames take longer than SEND_TIMEOUT (the send blocks while TCP buffers are full)."""
+    if not frames:
+        return
+    sender = asyncio.create_task(_send(ws, frames))
+    done, _ = await asyncio.wait(
+        {sender, dropped}, timeout=SEND_TIMEOUT, return_when="FIRST_COMPLETED"
+    )
+    if sender in done:
+        sender.result()
+        return
+    sender.cancel()
+    with contextlib.suppress(BaseException):
+        await sender
+    raise _Dropped
 
 
 async def _close(ws: WebSocket, code: int, reason: str = "") -> None:
@@ -65,9 +80,14 @@ async def _pump(ws: WebSocket, sub: events.Subscription, stream: Stream) -> None
     """Forward the stream until it ends, the client leaves, or the client falls behind."""
     receiver: asyncio.Task[Any] = asyncio.create_task(ws.receive())
     getter: asyncio.Task[dict[str, Any]] = asyncio.create_task(sub.get())
+    dropped: asyncio.Task[Any] = asyncio.create_task(sub.overflowed.wait())
     try:
         while True:
-            done, _ = await asyncio.wait({receiver, getter}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {receiver, getter, dropped}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if dropped in done:
+                raise _Dropped
             if receiver in done:
                 if receiver.result()["type"] == "websocket.disconnect":
                     return
@@ -76,14 +96,14 @@ async def _pump(ws: WebSocket, sub: events.Subscription, stream: Stream) -> None
                 event = getter.result()
                 if event is events.OVERFLOW:
                     raise _Dropped
-                await _send(ws, await stream.handle(event))
+                await _forward(ws, await stream.handle(event), dropped)
                 if stream.finished:
                     await _close(ws, 1000)
                     return
                 getter = asyncio.create_task(sub.get())
     finally:
-        for task in (receiver, getter):
-            if task is not None and not task.done():
+        for task in (receiver, getter, dropped):
+            if not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
