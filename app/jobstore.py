@@ -138,8 +138,17 @@ async def list_page(
     limit: int,
     cursor: str | None,
 ) -> tuple[list[Job], str | None]:
-    """Newest first; a cursor resumes strictly after its page's last job."""
+    """Newest first; a cursor resumes strictly after its page's last job. A cursor must name
+    one of the tenant's jobs at its exact position (no secret needed to refuse a forged one)."""
     after = decode_cursor(cursor) if cursor else None
+    if after is not None:
+        created_at = await con.fetchval(
+            "SELECT created_at FROM ferry.jobs WHERE id = $1 AND tenant_id = $2",
+            after[1],
+            tenant,
+        )
+        if created_at != after[0]:
+            raise BadRequest("The cursor is not one this service issued.", code="invalid_cursor")
     rows = await con.fetch(
         f"""SELECT {COLUMNS} FROM ferry.jobs
             WHERE tenant_id = $1

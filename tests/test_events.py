@@ -489,6 +489,19 @@ async def test_paging_every_job_exactly_once_while_jobs_arrive(
     assert seen == list(reversed(existing))  # newest first, each once, none of the newcomers
 
 
+async def test_cursor_of_another_tenant_is_refused(
+    client: httpx.AsyncClient, tenant: Tenant, other_tenant: Tenant, pool: asyncpg.Pool
+) -> None:
+    await _create_jobs(pool, other_tenant.name, 3)
+    async with httpx.AsyncClient(
+        base_url=str(client.base_url), headers=other_tenant.headers
+    ) as other:
+        cursor = (await other.get("/jobs", params={"limit": 1})).json()["next_cursor"]
+        assert cursor and (await other.get("/jobs", params={"cursor": cursor})).status_code == 200
+    response = await client.get("/jobs", params={"cursor": cursor})
+    assert response.status_code == 400 and response.json()["code"] == "invalid_cursor"
+
+
 async def test_list_filters(client: httpx.AsyncClient, tenant: Tenant, pool: asyncpg.Pool) -> None:
     done = await _create_jobs(pool, tenant.name, 2)
     failed = await _create_jobs(pool, tenant.name, 1, status="failed", resource="adults")
@@ -529,6 +542,10 @@ async def test_list_validation(client: httpx.AsyncClient, params: dict[str, Any]
         base64.urlsafe_b64encode(b'["2024-01-01T00:00:00", "%s"]' % str(uuid.uuid4()).encode())
         .decode()
         .rstrip("="),
+        # Well-formed, but no such job: a hand-made position.
+        base64.urlsafe_b64encode(
+            b'["2024-01-01T00:00:00+00:00", "%s"]' % str(uuid.uuid4()).encode()
+        ).decode(),
     ],
 )
 async def test_forged_cursor_is_a_problem(client: httpx.AsyncClient, cursor: str) -> None:
