@@ -62,6 +62,22 @@ async def publish_job(redis: Redis, job: dict[str, Any], public_job: dict[str, A
     await publish(redis, job["tenant_id"], job["id"], job["seq"], frames_for(public_job))
 
 
+class Frame(dict[str, Any]):
+    """A frame as the hub hands it to every socket that sends it: encoded to JSON only once."""
+
+    _text: str | None = None
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = json.dumps(self, default=str)
+        return self._text
+
+
+def encode(frame: dict[str, Any]) -> str:
+    return frame.text if isinstance(frame, Frame) else json.dumps(frame, default=str)
+
+
 RESYNC: dict[str, Any] = {"resync": True}  # events may have been lost: re-read PostgreSQL
 OVERFLOW: dict[str, Any] = {"overflow": True}  # the socket fell behind: drop it
 
@@ -198,4 +214,7 @@ class Hub:
             log.warning("event_malformed")
             return
         if isinstance(event, dict):
+            frames = event.get("frames")
+            if isinstance(frames, list):
+                event["frames"] = [Frame(f) for f in frames if isinstance(f, dict)]
             self.dispatch(event)

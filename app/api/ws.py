@@ -6,7 +6,6 @@ Thin on purpose: authenticate, subscribe through the process's hub, and forward 
 
 import asyncio
 import contextlib
-import json
 import uuid
 from typing import Any, Protocol
 
@@ -49,7 +48,7 @@ async def _tenant(ws: WebSocket, services: Services) -> str | None:
 
 async def _send(ws: WebSocket, frames: list[live.Frame]) -> None:
     for frame in frames:
-        await ws.send_text(json.dumps(frame, default=str))
+        await ws.send_text(events.encode(frame))  # hub frames are encoded once for all sockets
 
 
 async def _forward(ws: WebSocket, frames: list[live.Frame], dropped: asyncio.Task[Any]) -> None:
