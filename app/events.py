@@ -187,7 +187,7 @@ class Hub:
         loop = asyncio.get_running_loop()
         heard = pinged = loop.time()
         while True:
-            message = await pubsub.get_message(timeout=1.0)
+            message = await pubsub.get_message(timeout=min(1.0, PING_INTERVAL))
             now = loop.time()
             if message is not None:
                 heard = now
@@ -205,7 +205,7 @@ class Hub:
                 raise ConnectionError("Redis has been silent; reconnecting")
             if now - pinged > PING_INTERVAL and now - heard > PING_INTERVAL:
                 pinged = now
-                await pubsub.ping()
+                await pubsub.ping()  # its "pong" message counts as hearing from Redis
 
     def _dispatch_raw(self, data: bytes | str) -> None:
         try:

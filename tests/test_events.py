@@ -6,6 +6,7 @@ synchronisation: every wait is on a frame under an `asyncio.timeout`, or a poll 
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import socket
@@ -419,6 +420,43 @@ def test_overflowing_subscription_is_dropped_alone() -> None:
     hub.dispatch({"tenant": "t1"})  # malformed events are ignored, not fatal
     hub.unsubscribe(slow)
     assert hub.subscribers == 2
+
+
+async def test_hub_keeps_a_quiet_connection_and_resyncs_on_connect(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process hub on real Redis: a quiet subscription is kept alive by pings (no reconnect),
+    each (re)subscription tells existing sockets to resync, events reach the right sockets."""
+    unique = f"ferry:events:quiet-{uuid.uuid4().hex}"
+    monkeypatch.setattr(events, "PATTERN", unique + ":*")
+    monkeypatch.setattr(events, "PING_INTERVAL", 0.2)
+    monkeypatch.setattr(events, "SILENCE_LIMIT", 1.0)
+    hub = events.Hub(lambda: aioredis.Redis.from_url(stack.settings.redis_url))
+    early = hub.subscribe("t", "j")  # subscribed before the hub is connected
+    await hub.start()
+    try:
+        async with asyncio.timeout(10):
+            await hub.connected.wait()
+            assert await early.get() is events.RESYNC
+        silent_until = time.monotonic() + 3 * events.SILENCE_LIMIT
+        quiet = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(silent_until - time.monotonic()):
+                await quiet.wait()  # nothing sets it: three silence limits pass, pings only
+        assert hub.connections == 1 and hub.connected.is_set()
+        r = aioredis.Redis.from_url(stack.settings.redis_url)
+        try:
+            event = {"tenant": "t", "job_id": "j", "seq": 1, "frames": [{"type": "status"}]}
+            await r.publish(f"{unique}:j", json.dumps(event))
+            await r.publish(f"{unique}:k", json.dumps({**event, "tenant": "u"}))
+        finally:
+            await r.aclose()
+        async with asyncio.timeout(10):
+            got = await early.get()
+        assert got["seq"] == 1 and got["frames"] == [{"type": "status"}]
+        assert early.queue.empty()
+    finally:
+        await hub.stop()
 
 
 async def test_redis_drop_resyncs_from_postgres(
