@@ -459,6 +459,56 @@ async def test_hub_keeps_a_quiet_connection_and_resyncs_on_connect(
         await hub.stop()
 
 
+async def kill_hub_connection(stack: Stack) -> None:
+    """Kill the Redis connection of the (first) API process's hub, found by its client name."""
+    assert stack.api is not None
+    r = aioredis.Redis.from_url(stack.settings.redis_url)
+    try:
+        name = f"ferry-events-{stack.api.pid}"
+        clients = [c for c in await r.client_list() if c.get("name") == name]
+        assert clients, "the API's hub connection is not named as expected"
+        for c in clients:
+            await r.client_kill_filter(_id=c["id"])
+    finally:
+        await r.aclose()
+
+
+async def _cancel_silently(pool: asyncpg.Pool, job_id: str) -> None:
+    """A change nobody announces, as if its event had been lost."""
+    await pool.execute(
+        """UPDATE ferry.jobs SET status = 'cancelled', cancel_requested = true,
+               finished_at = now(), seq = seq + 1
+           WHERE id = $1""",
+        uuid.UUID(job_id),
+    )
+
+
+async def test_tenant_stream_resyncs_after_redis_drop(
+    stack: Stack, client: httpx.AsyncClient, tenant: Tenant, pool: asyncpg.Pool
+) -> None:
+    async with connect(ws_url(stack.api_url, "/ws/jobs", tenant.key)) as ws:
+        await _wait_subscribed(stack, 1)
+        quiet = await submit(client, run_at=later(3600))  # unchanged: nothing to resend
+        lost = await submit(client, run_at=later(3600))
+        for job in (quiet, lost):
+            frame = await recv(ws)
+            assert frame == {"type": "status", "job_id": job["id"], "status": "queued"}
+        await _cancel_silently(pool, lost["id"])
+        await kill_hub_connection(stack)
+        frames = await until_completed(ws, {lost["id"]}, deadline=30)
+        # Then a real event goes through the new connection, and nothing else came before it.
+        await client.post(f"/jobs/{quiet['id']}/cancel")
+        frames += await until_completed(ws, {quiet["id"]}, deadline=30)
+    assert frames == [
+        {"type": "status", "job_id": lost["id"], "status": "cancelled"},
+        frames[1],
+        {"type": "status", "job_id": quiet["id"], "status": "cancelled"},
+        frames[3],
+    ]
+    assert frames[1]["type"] == "completed" and frames[1]["job"]["id"] == lost["id"]
+    assert frames[3]["type"] == "completed" and frames[3]["job"]["id"] == quiet["id"]
+
+
 async def test_redis_drop_resyncs_from_postgres(
     stack: Stack, client: httpx.AsyncClient, tenant: Tenant, pool: asyncpg.Pool
 ) -> None:
@@ -468,21 +518,8 @@ async def test_redis_drop_resyncs_from_postgres(
     async with connect(ws_url(stack.api_url, f"/ws/jobs/{job['id']}", tenant.key)) as ws:
         assert (await recv(ws))["type"] == "snapshot"
         # A change nobody announces (as if its event were lost), then the hub's connection dies.
-        await pool.execute(
-            """UPDATE ferry.jobs SET status = 'cancelled', cancel_requested = true,
-                   finished_at = now(), seq = seq + 1
-               WHERE id = $1""",
-            uuid.UUID(job["id"]),
-        )
-        r = aioredis.Redis.from_url(stack.settings.redis_url)
-        try:
-            name = f"ferry-events-{stack.api.pid}"
-            clients = [c for c in await r.client_list() if c.get("name") == name]
-            assert clients, "the API's hub connection is not named as expected"
-            for c in clients:
-                await r.client_kill_filter(_id=c["id"])
-        finally:
-            await r.aclose()
+        await _cancel_silently(pool, job["id"])
+        await kill_hub_connection(stack)
         frames = await until_close(ws, deadline=30)
         assert ws.close_code == 1000
     assert [f["type"] for f in frames] == ["status", "completed"], frames
