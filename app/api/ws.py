@@ -58,7 +58,7 @@ async def _forward(ws: WebSocket, frames: list[live.Frame], dropped: asyncio.Tas
         return
     sender = asyncio.create_task(_send(ws, frames))
     done, _ = await asyncio.wait(
-        {sender, dropped}, timeout=SEND_TIMEOUT, return_when="FIRST_COMPLETED"
+        {sender, dropped}, timeout=SEND_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
     )
     if sender in done:
         sender.result()
