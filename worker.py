@@ -5,6 +5,8 @@ import contextlib
 import uuid
 from typing import Any, ClassVar
 
+import prometheus_client
+
 from app import export, importer, logs, reconciler, runner
 from app.config import get_settings
 from app.queue import RUN_JOB, redis_settings
@@ -17,6 +19,9 @@ HANDLERS: dict[str, runner.Handler] = {"export": export.run, "import": importer.
 
 async def startup(ctx: dict[str, Any]) -> None:
     logs.configure(settings.log_level, settings.log_json)
+    if settings.worker_metrics_port:
+        # Job counts, durations, rows and bytes are counted where jobs run: in the worker.
+        prometheus_client.start_http_server(settings.worker_metrics_port)
     stack = contextlib.AsyncExitStack()
     ctx["stack"] = stack
     # Each running job holds a connection for its COPY, plus heartbeat/progress headroom.

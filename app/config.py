@@ -33,12 +33,15 @@ class Settings(BaseSettings):
     heartbeat_timeout_seconds: float = Field(60, gt=0)
 
     # Not in the contract; tuning knobs with safe defaults.
-    heartbeat_interval_seconds: float = Field(2, gt=0)
+    # Also how soon a running job notices a cancel (SPEC: within 2 s).
+    heartbeat_interval_seconds: float = Field(1, gt=0)
     progress_interval_seconds: float = Field(1, gt=0)
     part_size_bytes: int = Field(8 * MiB, ge=5 * MiB)
     parts_in_flight: int = Field(4, ge=1)
     db_pool_max_size: int = Field(20, ge=2)
     shutdown_grace_seconds: float = Field(20, ge=0)
+    # When set, a worker serves its Prometheus metrics (jobs, durations, rows, bytes) here.
+    worker_metrics_port: int | None = Field(None, ge=1, le=65535)
     log_level: str = "INFO"
     log_json: bool | None = None  # default: JSON when stderr is not a terminal
 

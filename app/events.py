@@ -21,7 +21,7 @@ log = structlog.get_logger(__name__)
 
 PATTERN = "ferry:events:*"
 QUEUE_SIZE = 256
-PUBLISH_TIMEOUT = 1.0  # a Redis outage must not stall a job's COPY
+PUBLISH_TIMEOUT = 1.0  # an unreachable Redis must not hold up a submission or a job's COPY
 
 
 def channel(tenant: str, job_id: uuid.UUID | str) -> str:
@@ -52,7 +52,8 @@ async def publish(
         {"tenant": tenant, "job_id": str(job_id), "seq": seq, "frames": frames}, default=str
     )
     try:
-        await asyncio.wait_for(redis.publish(channel(tenant, job_id), message), PUBLISH_TIMEOUT)
+        async with asyncio.timeout(PUBLISH_TIMEOUT):
+            await redis.publish(channel(tenant, job_id), message)
     except (RedisError, OSError, TimeoutError) as e:
         log.warning("event_publish_failed", job_id=str(job_id), error=str(e))
 
@@ -61,21 +62,52 @@ async def publish_job(redis: Redis, job: dict[str, Any], public_job: dict[str, A
     await publish(redis, job["tenant_id"], job["id"], job["seq"], frames_for(public_job))
 
 
-RESYNC: dict[str, Any] = {"resync": True}
+class Frame(dict[str, Any]):
+    """A frame as the hub hands it to every socket that sends it: encoded to JSON only once."""
+
+    _text: str | None = None
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = json.dumps(self, default=str)
+        return self._text
+
+
+def encode(frame: dict[str, Any]) -> str:
+    return frame.text if isinstance(frame, Frame) else json.dumps(frame, default=str)
+
+
+RESYNC: dict[str, Any] = {"resync": True}  # events may have been lost: re-read PostgreSQL
+OVERFLOW: dict[str, Any] = {"overflow": True}  # the socket fell behind: drop it
+
+PING_INTERVAL = 5.0  # the reader pings Redis when idle...
+SILENCE_LIMIT = 15.0  # ...and reconnects when Redis has said nothing for this long
 
 
 @dataclass(eq=False)
 class Subscription:
+    """One socket's bounded queue. The hub never waits on it: when it is full, the socket is
+    told to go (OVERFLOW) instead of slowing the reader that serves every other socket."""
+
     tenant: str
     job_id: str | None
     queue: asyncio.Queue[dict[str, Any]] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     overflowed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def offer(self, event: dict[str, Any]) -> None:
+        if self.overflowed.is_set():
+            return
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
-            self.overflowed.set()
+            self.overflowed.set()  # wakes a socket task that is stuck sending, too
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(OVERFLOW)
+
+    async def get(self) -> dict[str, Any]:
+        return await self.queue.get()
 
 
 class Hub:
@@ -83,13 +115,14 @@ class Hub:
 
     def __init__(self, redis_factory: Callable[[], Redis]) -> None:
         self._redis_factory = redis_factory
-        self._subs: set[Subscription] = set()
+        self._subs: dict[str, set[Subscription]] = {}  # by tenant
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        self.connections = 0  # how many times the subscription was (re)established
 
     @property
     def subscribers(self) -> int:
-        return len(self._subs)
+        return sum(len(subs) for subs in self._subs.values())
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="events-hub")
@@ -102,43 +135,77 @@ class Hub:
 
     def subscribe(self, tenant: str, job_id: str | None = None) -> Subscription:
         sub = Subscription(tenant, job_id)
-        self._subs.add(sub)
+        self._subs.setdefault(tenant, set()).add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        self._subs.discard(sub)
+        subs = self._subs.get(sub.tenant)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.tenant]
 
     def dispatch(self, event: dict[str, Any]) -> None:
-        for sub in list(self._subs):
-            if sub.tenant == event["tenant"] and sub.job_id in (None, event["job_id"]):
+        tenant, job_id = event.get("tenant"), event.get("job_id")
+        if not isinstance(tenant, str) or not isinstance(event.get("seq"), int):
+            log.warning("event_malformed")
+            return
+        for sub in list(self._subs.get(tenant, ())):
+            if sub.job_id in (None, job_id):
                 sub.offer(event)
+
+    def _resync_all(self) -> None:
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                sub.offer(RESYNC)
 
     async def _run(self) -> None:
         delay = 0.1
         while True:
+            connections = self.connections
             redis = self._redis_factory()
-            pubsub = redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = redis.pubsub()
             try:
                 await pubsub.psubscribe(PATTERN)
-                if not self.connected.is_set():
-                    self.connected.set()
-                    # Events published while we were away are lost: let sockets resync.
-                    for sub in list(self._subs):
-                        sub.offer(RESYNC)
-                delay = 0.1
-                async for message in pubsub.listen():
-                    if message.get("type") == "pmessage":
-                        self._dispatch_raw(message["data"])
-            except (RedisError, OSError) as e:
-                self.connected.clear()
-                log.warning("events_hub_disconnected", error=str(e), retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await self._read(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # RedisError, OSError, a silent connection...: start over
+                log.warning("events_hub_disconnected", error=f"{type(e).__name__}: {e}")
             finally:
+                self.connected.clear()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
                 with contextlib.suppress(Exception):
                     await redis.aclose()
+            if self.connections > connections:
+                delay = 0.1  # it worked for a while: retry soon, then back off
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _read(self, pubsub: Any) -> None:
+        loop = asyncio.get_running_loop()
+        heard = pinged = loop.time()
+        while True:
+            message = await pubsub.get_message(timeout=min(1.0, PING_INTERVAL))
+            now = loop.time()
+            if message is not None:
+                heard = now
+                kind = message.get("type")
+                if kind == "pmessage":
+                    self._dispatch_raw(message["data"])
+                elif kind == "psubscribe":
+                    # Subscribed (again): whatever was published before this is lost to us,
+                    # so every socket re-reads its jobs from PostgreSQL.
+                    self.connections += 1
+                    self.connected.set()
+                    self._resync_all()
+                    log.info("events_hub_subscribed", connections=self.connections)
+            if now - heard > SILENCE_LIMIT:
+                raise ConnectionError("Redis has been silent; reconnecting")
+            if now - pinged > PING_INTERVAL and now - heard > PING_INTERVAL:
+                pinged = now
+                await pubsub.ping()  # its "pong" message counts as hearing from Redis
 
     def _dispatch_raw(self, data: bytes | str) -> None:
         try:
@@ -146,4 +213,8 @@ class Hub:
         except ValueError:
             log.warning("event_malformed")
             return
-        self.dispatch(event)
+        if isinstance(event, dict):
+            frames = event.get("frames")
+            if isinstance(frames, list):
+                event["frames"] = [Frame(f) for f in frames if isinstance(f, dict)]
+            self.dispatch(event)

@@ -107,6 +107,8 @@ async def submit(
             raise
         return previous
     metrics.JOBS_SUBMITTED.labels(kind).inc()
+    # Tenant streams (/ws/jobs) learn of the new job; a job's own stream starts from its snapshot.
+    await events.publish_job(services.redis, job, presenter.job_out(job))
     if not awaiting_upload:
         await dispatch(services, job)
     return Submitted(job, status_code)

@@ -7,6 +7,7 @@ lease was lost: the caller raises `LeaseLost`, rolls back and stops.
 
 import base64
 import binascii
+import contextlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -121,7 +122,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, job_id = json.loads(raw)
-        return datetime.fromisoformat(created_at), uuid.UUID(job_id)
+        after = datetime.fromisoformat(created_at)
+        if after.tzinfo is None:
+            raise ValueError("naive time")
+        return after, uuid.UUID(job_id)
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
         raise BadRequest(
             "The cursor is not one this service issued.", code="invalid_cursor"
@@ -138,8 +142,17 @@ async def list_page(
     limit: int,
     cursor: str | None,
 ) -> tuple[list[Job], str | None]:
-    """Newest first; a cursor resumes strictly after its page's last job."""
+    """Newest first; a cursor resumes strictly after its page's last job. A cursor must name
+    one of the tenant's jobs at its exact position (no secret needed to refuse a forged one)."""
     after = decode_cursor(cursor) if cursor else None
+    if after is not None:
+        created_at = await con.fetchval(
+            "SELECT created_at FROM ferry.jobs WHERE id = $1 AND tenant_id = $2",
+            after[1],
+            tenant,
+        )
+        if created_at != after[0]:
+            raise BadRequest("The cursor is not one this service issued.", code="invalid_cursor")
     rows = await con.fetch(
         f"""SELECT {COLUMNS} FROM ferry.jobs
             WHERE tenant_id = $1
@@ -160,6 +173,36 @@ async def list_page(
     jobs = [dict(r) for r in rows[:limit]]
     next_cursor = encode_cursor(jobs[-1]) if len(rows) > limit else None
     return jobs, next_cursor
+
+
+async def tenant_jobs_since(
+    con: Connection, tenant: str, since: datetime | None
+) -> tuple[datetime, list[Job]]:
+    """The database's clock, and the tenant's jobs that may still change or that finished at or
+    after `since`: what a tenant's event stream re-reads after it may have missed events."""
+    async with _acquire(con) as c:
+        now: datetime = await c.fetchval("SELECT now()")
+        rows = await c.fetch(
+            f"""SELECT {COLUMNS} FROM ferry.jobs
+                WHERE tenant_id = $1
+                  AND (status NOT IN ('succeeded', 'failed', 'cancelled')
+                       OR ($2::timestamptz IS NOT NULL AND finished_at >= $2))""",
+            tenant,
+            since,
+        )
+    return now, [dict(r) for r in rows]
+
+
+def _acquire(con: Connection) -> Any:
+    if isinstance(con, asyncpg.Pool):
+        return con.acquire()
+    return contextlib.nullcontext(con)
+
+
+async def counts(con: Connection) -> dict[tuple[str, str], int]:
+    """Jobs by (kind, status), for metrics."""
+    rows = await con.fetch("SELECT kind, status, count(*) AS n FROM ferry.jobs GROUP BY 1, 2")
+    return {(r["kind"], r["status"]): int(r["n"]) for r in rows}
 
 
 @dataclass(frozen=True)
@@ -295,12 +338,15 @@ async def finish(
 async def requeue(
     con: Connection, job_id: uuid.UUID, lease: uuid.UUID, run_at: datetime | None
 ) -> Job | None:
-    """Hand a running job back to the queue (retry after a transient error, or shutdown)."""
+    """Hand a running job back to the queue (retry after a transient error, or shutdown); a job
+    whose cancel was asked meanwhile ends `cancelled` instead (no worker would claim it)."""
     return _job(
         await con.fetchrow(
             f"""UPDATE ferry.jobs
-                SET status = 'queued', lease = NULL, heartbeat_at = NULL, run_at = $3,
-                    seq = seq + 1, queue_id = $4
+                SET status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
+                    finished_at = CASE WHEN cancel_requested THEN clock_timestamp() END,
+                    lease = NULL, heartbeat_at = NULL, run_at = $3, seq = seq + 1,
+                    queue_id = $4
                 WHERE id = $1 AND lease = $2 AND status = 'running'
                 RETURNING {COLUMNS}""",
             job_id,

@@ -1,5 +1,6 @@
 """The ASGI app: `uvicorn app.main:app`."""
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -8,7 +9,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from app import __version__, logs
-from app.api import exports, health, imports, jobs, problems, resources
+from app.api import exports, health, imports, jobs, problems, resources, ws
 from app.config import Settings, get_settings
 from app.errors import ConfigError
 from app.events import Hub
@@ -65,15 +66,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
-    for module in (exports, imports, jobs, resources, health):
+    for module in (exports, imports, jobs, resources, health, ws):
         app.include_router(module.router)
     app.add_middleware(RequestContext)
     return app
 
 
 def _pubsub_redis(settings: Settings) -> Redis:
+    # Named per process, so that an operator (or a test) can find this process's subscription.
     redis: Redis = Redis.from_url(
-        settings.redis_url, socket_connect_timeout=2, health_check_interval=10
+        settings.redis_url,
+        socket_connect_timeout=2,
+        client_name=f"ferry-events-{os.getpid()}",
     )
     return redis
 

@@ -1,4 +1,6 @@
-"""Prometheus metrics. Each process serves its own registry (API: `/metrics`)."""
+"""Prometheus metrics. Each process serves its own registry: the API at `/metrics` (requests,
+open websockets, and job counts and queue depth read from PostgreSQL on each scrape); a worker on
+`FERRY_WORKER_METRICS_PORT` when set (jobs finished, durations, rows and bytes moved)."""
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -18,5 +20,8 @@ JOB_SECONDS = Histogram(
 )
 ROWS_MOVED = Counter("ferry_rows_total", "Rows moved", ["kind"])
 BYTES_MOVED = Counter("ferry_bytes_total", "Bytes moved", ["kind"])
+JOBS = Gauge(
+    "ferry_jobs", "Jobs by kind and status (PostgreSQL), sampled on scrape", ["kind", "status"]
+)
 QUEUE_DEPTH = Gauge("ferry_queue_depth", "Jobs queued (PostgreSQL), sampled on scrape")
 OPEN_WEBSOCKETS = Gauge("ferry_open_websockets", "Open websocket connections")

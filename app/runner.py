@@ -34,6 +34,7 @@ class JobRun:
     services: Services
     job: jobstore.Job
     stop_reason: str | None = None  # "cancel" or "lease_lost", set by the heartbeat
+    finishing: bool = False  # writing its end state: too late to cancel
     progress: dict[str, Any] = field(
         default_factory=lambda: {"rows": 0, "bytes": 0, "total_rows": None, "percent": None}
     )
@@ -64,7 +65,7 @@ class JobRun:
         rows = max(rows, self.progress["rows"])  # never decreases within an attempt
         self.progress.update(rows=rows, bytes=nbytes, percent=_percent(rows, total))
         now = time.monotonic()
-        if not force and now - self._reported_at < self.services.settings.progress_interval_seconds:
+        if not force and now - self._reported_at < progress_interval(self.services):
             return
         self._reported_at = now
         seq = await jobstore.progress(self.services.pool, self.id, self.lease, self.progress)
@@ -80,7 +81,18 @@ class JobRun:
         Its objects (result, upload, error report) are kept `FERRY_RESULT_TTL_SECONDS`."""
         ttl = timedelta(seconds=self.services.settings.result_ttl_seconds)
         fields.setdefault("expires_at", datetime.now(UTC) + ttl)
+        self.finishing = True  # a cancel now could interrupt a commit that succeeds anyway
         return await jobstore.finish(con, self.id, self.lease, status, **fields)
+
+
+# SPEC §4: progress frames at most 4 per second per job, at least every 2 s while rows flow.
+PROGRESS_MIN_INTERVAL = 0.25
+PROGRESS_MAX_INTERVAL = 2.0
+
+
+def progress_interval(services: Services) -> float:
+    interval = services.settings.progress_interval_seconds
+    return min(max(interval, PROGRESS_MIN_INTERVAL), PROGRESS_MAX_INTERVAL)
 
 
 def _percent(rows: int, total: int | None) -> float | None:
@@ -138,6 +150,9 @@ async def run_job(services: Services, job_id: uuid.UUID, handlers: dict[str, Han
         metrics.JOB_SECONDS.labels(job["kind"]).observe(time.monotonic() - started)
         if final is not None:
             metrics.JOBS_FINISHED.labels(job["kind"], final["status"]).inc()
+            moved = final["progress"] or {}
+            metrics.ROWS_MOVED.labels(job["kind"]).inc(moved.get("rows") or 0)
+            metrics.BYTES_MOVED.labels(job["kind"]).inc(moved.get("bytes") or 0)
             await _announce(services, final)
         structlog.contextvars.unbind_contextvars("job_id", "tenant")
 
@@ -213,6 +228,10 @@ async def _hand_back(run: JobRun, delay: float) -> None:
         return
     if job is None:
         return
+    if job["status"] == "cancelled":  # cancel was asked while it ran: it ends here
+        metrics.JOBS_FINISHED.labels(job["kind"], "cancelled").inc()
+        await _announce(services, job)
+        return
     await events.publish_job(services.redis, job, presenter.job_out(job))
     await queue.enqueue(services.redis, run.id, job["queue_id"], run_at)
 
@@ -230,7 +249,7 @@ async def _heartbeat(run: JobRun, work: asyncio.Task[Any]) -> None:
         except Exception as e:
             log.warning("heartbeat_failed", error=str(e))
             continue
-        if cancel:
+        if cancel and not run.finishing:
             run.stop_reason = "cancel"
             work.cancel()
             return

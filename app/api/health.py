@@ -7,7 +7,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app import metrics
+from app import jobstore, metrics
 from app.api.deps import ServicesDep
 
 router = APIRouter(tags=["operations"])
@@ -47,10 +47,12 @@ async def readyz(services: ServicesDep) -> JSONResponse:
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def prometheus(services: ServicesDep) -> Response:
     try:
-        queued = await services.pool.fetchval(
-            "SELECT count(*) FROM ferry.jobs WHERE status = 'queued'"
-        )
-        metrics.QUEUE_DEPTH.set(queued)
+        counts = await jobstore.counts(services.pool)
     except Exception:
-        pass
+        counts = None
+    if counts is not None:
+        metrics.JOBS.clear()
+        for (kind, status), n in counts.items():
+            metrics.JOBS.labels(kind, status).set(n)
+        metrics.QUEUE_DEPTH.set(sum(n for (_, status), n in counts.items() if status == "queued"))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
