@@ -12,7 +12,7 @@ from app.api import exports, health, jobs, problems, resources
 from app.config import Settings, get_settings
 from app.errors import ConfigError
 from app.events import Hub
-from app.middleware import RequestContext
+from app.middleware import BodyLimit, RequestContext
 from app.services import open_services
 
 DESCRIPTION = """
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     for module in (exports, jobs, resources, health):
         app.include_router(module.router)
+    app.add_middleware(BodyLimit)
     app.add_middleware(RequestContext)
     return app
 

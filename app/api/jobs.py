@@ -8,7 +8,8 @@ from fastapi.responses import JSONResponse
 
 from app import jobs, jobstore, presenter
 from app.api.deps import ServicesDep, TenantDep
-from app.api.responses import job_response
+from app.api.problems import problem_responses
+from app.api.responses import JOB_NOT_FOUND, LOCATION, PROBLEM_RESPONSES, job_response
 from app.schemas import JobOut, JobPage, Kind, Status
 
 router = APIRouter(tags=["jobs"])
@@ -18,13 +19,21 @@ router = APIRouter(tags=["jobs"])
     "/jobs/{job_id}",
     response_model=JobOut,
     summary="Get a job",
-    responses={404: {"description": "`job_not_found`"}},
+    responses={**PROBLEM_RESPONSES, **JOB_NOT_FOUND},
 )
 async def get_job(job_id: uuid.UUID, services: ServicesDep, tenant: TenantDep) -> JSONResponse:
     return await job_response(services, await jobstore.get_owned(services.pool, job_id, tenant))
 
 
-@router.get("/jobs", response_model=JobPage, summary="List jobs, newest first")
+@router.get(
+    "/jobs",
+    response_model=JobPage,
+    summary="List jobs, newest first",
+    responses={
+        **PROBLEM_RESPONSES,
+        **problem_responses(s400="`invalid_cursor`: a cursor this service did not issue."),
+    },
+)
 async def list_jobs(
     services: ServicesDep,
     tenant: TenantDep,
@@ -52,7 +61,12 @@ async def list_jobs(
     status_code=202,
     response_model=JobOut,
     summary="Cancel a job",
-    responses={404: {"description": "`job_not_found`"}, 409: {"description": "`job_finished`"}},
+    responses={
+        202: {"description": "The job, cancelled or stopping.", "headers": LOCATION},
+        **PROBLEM_RESPONSES,
+        **JOB_NOT_FOUND,
+        **problem_responses(s409="`job_finished`"),
+    },
 )
 async def cancel_job(job_id: uuid.UUID, services: ServicesDep, tenant: TenantDep) -> JSONResponse:
     return await job_response(services, await jobs.cancel(services, tenant, job_id), 202)

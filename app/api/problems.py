@@ -6,6 +6,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from app.errors import FerryError
@@ -13,6 +14,54 @@ from app.errors import FerryError
 log = structlog.get_logger(__name__)
 
 PROBLEM = "application/problem+json"
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="The failing field, dotted: `filter.0.op`, `query.limit`.")
+    message: str
+    type: str
+
+
+class Problem(BaseModel):
+    """An error, as RFC 9457 problem details (`application/problem+json`)."""
+
+    model_config = ConfigDict(extra="allow", title="Problem")
+
+    type: str = "about:blank"
+    status: int
+    title: str
+    detail: str
+    code: str = Field(description="Machine-readable: `job_not_found`, `validation_error`, ...")
+    errors: list[FieldError] | None = Field(None, description="Only on `validation_error`.")
+
+
+def problem_responses(**described: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for error statuses, each a `Problem`: `problem_responses(s404="...")`.
+
+    Headers the API always sends with a status are documented with it (401 `WWW-Authenticate`,
+    429 and 503 `Retry-After`).
+    """
+    responses: dict[int | str, dict[str, Any]] = {}
+    for name, description in described.items():
+        status = int(name.removeprefix("s"))
+        response: dict[str, Any] = {"model": Problem, "description": description}
+        if status in _HEADERS:
+            response["headers"] = _HEADERS[status]
+        responses[status] = response
+    return responses
+
+
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer"},
+    }
+}
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    429: _RETRY_AFTER,
+    503: _RETRY_AFTER,
+}
 
 _CODES = {
     400: "bad_request",
@@ -84,8 +133,31 @@ def _title(status: int) -> str:
         return "Error"
 
 
+def _problem_media_types(schema: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI documents every response model as `application/json`; a `Problem` is in fact sent
+    as `application/problem+json`, so the OpenAPI says that (clients and fuzzers check it)."""
+    ref = "#/components/schemas/Problem"
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            for response in operation.get("responses", {}).values():
+                content = response.get("content", {})
+                json_body = content.get("application/json")
+                if json_body and json_body.get("schema", {}).get("$ref") == ref:
+                    content[PROBLEM] = content.pop("application/json")
+    return schema
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(FerryError, _ferry_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _problem_media_types(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
