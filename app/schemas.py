@@ -6,7 +6,15 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 Kind = Literal["export", "import"]
 Status = Literal["awaiting_upload", "queued", "running", "succeeded", "failed", "cancelled"]
@@ -26,7 +34,9 @@ class Op(StrEnum):
     is_null = "is_null"
 
 
-Scalar = str | int | float | bool
+# Finite only: JSON has no Infinity or NaN (Python's parser takes them), and PostgreSQL's jsonb,
+# where the normalized request is kept, refuses them.
+Scalar = str | int | FiniteFloat | bool
 
 
 class Filter(BaseModel):

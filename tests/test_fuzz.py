@@ -17,7 +17,12 @@ EXAMPLES = int(os.environ.get("FERRY_FUZZ_EXAMPLES", "25"))
 
 config = schemathesis.Config.from_dict(
     {
-        "generation": {"max-examples": EXAMPLES, "deterministic": True, "mode": "all"},
+        "generation": {
+            "max-examples": EXAMPLES,
+            "deterministic": True,
+            "mode": "all",
+            "allow-x00": True,
+        },
         "checks": {
             # A schema-valid request may still name what does not exist or is not allowed (a
             # resource, a column, a job of nobody's, a cursor never issued, a tenant at its

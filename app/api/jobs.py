@@ -5,6 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from app import jobs, jobstore, presenter
 from app.api.deps import ServicesDep, TenantDep
@@ -25,6 +26,20 @@ async def get_job(job_id: uuid.UUID, services: ServicesDep, tenant: TenantDep) -
     return await job_response(services, await jobstore.get_owned(services.pool, job_id, tenant))
 
 
+class JobQuery(BaseModel):
+    """`GET /jobs`'s query. An unknown parameter (`?stauts=failed`) is 422, as an unknown body
+    field is: a typo never silently widens the list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Kind | None = None
+    status: Status | None = None
+    # No NUL: PostgreSQL text cannot hold one (and no resource is named with one).
+    resource: str | None = Field(None, max_length=63, pattern=r"^[^\x00]*$")
+    limit: int = Field(20, ge=1, le=100)
+    cursor: str | None = Field(None, max_length=512)
+
+
 @router.get(
     "/jobs",
     response_model=JobPage,
@@ -35,22 +50,16 @@ async def get_job(job_id: uuid.UUID, services: ServicesDep, tenant: TenantDep) -
     },
 )
 async def list_jobs(
-    services: ServicesDep,
-    tenant: TenantDep,
-    kind: Kind | None = None,
-    status: Status | None = None,
-    resource: Annotated[str | None, Query(max_length=63)] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    services: ServicesDep, tenant: TenantDep, query: Annotated[JobQuery, Query()]
 ) -> JSONResponse:
     page, next_cursor = await jobstore.list_page(
         services.pool,
         tenant,
-        kind=kind,
-        status=status,
-        resource=resource,
-        limit=limit,
-        cursor=cursor,
+        kind=query.kind,
+        status=query.status,
+        resource=query.resource,
+        limit=query.limit,
+        cursor=query.cursor,
     )
     items = [await presenter.present(job, services) for job in page]
     return JSONResponse({"items": items, "next_cursor": next_cursor})

@@ -113,6 +113,16 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     status = exc.status_code
+    if status == 400 and isinstance(exc.__cause__, ValueError | RecursionError):
+        # FastAPI's "error parsing the body": not UTF-8, nested past the parser's depth, an
+        # integer of more digits than Python converts. Like any body that is not a JSON
+        # object, that is 422 validation_error (SPEC §3), not a bare 400.
+        reason = type(exc.__cause__).__name__
+        errors = [
+            {"field": "body", "message": f"not a JSON object ({reason})", "type": "json_invalid"}
+        ]
+        detail = f"body: the request body is not a JSON object ({reason})."
+        return problem(422, "Unprocessable Content", detail, "validation_error", errors=errors)
     title = _title(status)
     detail = exc.detail if isinstance(exc.detail, str) else title
     headers = dict(exc.headers) if exc.headers else None
