@@ -6,33 +6,20 @@ type and headers match the schema, and never a 5xx.
 """
 
 import os
+import subprocess
+import sys
 
+import httpx
 import hypothesis
 import schemathesis
 
 from app.main import create_app
-from tests.conftest import Stack, Tenant
+from tests.conftest import ROOT, Stack, Tenant
 
 EXAMPLES = int(os.environ.get("FERRY_FUZZ_EXAMPLES", "25"))
 
-config = schemathesis.Config.from_dict(
-    {
-        "generation": {
-            "max-examples": EXAMPLES,
-            "deterministic": True,
-            "mode": "all",
-            "allow-x00": True,
-        },
-        "checks": {
-            # A schema-valid request may still name what does not exist or is not allowed (a
-            # resource, a column, a job of nobody's, a cursor never issued, a tenant at its
-            # limit): those are documented 4xx problems, not rejections of valid input.
-            "positive_data_acceptance": {
-                "expected-statuses": ["2xx", "3xx", 400, 401, 404, 409, 410, 422, 429]
-            },
-        },
-    }
-)
+# The settings the CLI uses too (README "Security"); the number of examples is set below.
+config = schemathesis.Config.from_path(ROOT / "schemathesis.toml")
 # The schema the served /openapi.json is built from (test_served_schema_is_the_one_fuzzed).
 schema = schemathesis.openapi.from_dict(create_app().openapi(), config=config)
 
@@ -47,3 +34,48 @@ schema = schemathesis.openapi.from_dict(create_app().openapi(), config=config)
 )
 def test_api_conforms_to_its_schema(case: schemathesis.Case, stack: Stack, tenant: Tenant) -> None:
     case.call_and_validate(base_url=stack.api_url, headers=tenant.headers)
+
+
+def test_cli_run_with_coverage_and_stateful_phases(stack: Stack, tenant: Tenant) -> None:
+    """The CLI adds what the pytest integration does not run: the coverage phase (boundary and
+    invalid values of every parameter) and stateful sequences through the OpenAPI's links
+    (POST /exports, then GET /jobs/{id}, the download, the cancel with the returned id)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            f"{stack.api_url}/openapi.json",
+            "--header",
+            f"Authorization: Bearer {tenant.key}",
+            "--max-examples",
+            str(EXAMPLES),
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+
+
+def test_served_schema_is_the_one_fuzzed(stack: Stack) -> None:
+    assert httpx.get(f"{stack.api_url}/openapi.json").json() == create_app().openapi()
+
+
+def test_errors_are_documented_as_problem_json() -> None:
+    operations = create_app().openapi()["paths"]
+    for path, methods in operations.items():
+        for method, operation in methods.items():
+            for status, response in operation["responses"].items():
+                if int(status) >= 400 and path != "/readyz":  # 503 there is its body
+                    assert list(response["content"]) == ["application/problem+json"], (
+                        method,
+                        path,
+                        status,
+                    )
+            if path not in ("/healthz", "/readyz", "/metrics"):
+                assert "401" in operation["responses"], (method, path)

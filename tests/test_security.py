@@ -300,6 +300,19 @@ async def test_bodies_that_are_not_a_json_object_are_422(
     assert await job_ids(client) == before
 
 
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "application/xml"]
+)
+async def test_a_body_that_is_not_declared_json_is_422(
+    client: httpx.AsyncClient, content_type: str | None
+) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    before = await job_ids(client)
+    response = await client.post("/exports", content=b'{"resource": "users"}', headers=headers)
+    assert_problem(response, 422, "validation_error")
+    assert await job_ids(client) == before
+
+
 WRONG_TYPES: list[dict[str, Any]] = [
     {"resource": 1},
     {"resource": None},
@@ -413,6 +426,8 @@ async def test_invalid_uuids_are_422_or_404(client: httpx.AsyncClient, path: str
 @pytest.mark.parametrize(
     "params",
     [
+        [("status", "failed"), ("status", "queued")],  # repeated: refused, not one kept silently
+        [("resource", "users"), ("resource", "x")],
         {"limit": 0},
         {"limit": 101},
         {"limit": -1},
@@ -428,9 +443,7 @@ async def test_invalid_uuids_are_422_or_404(client: httpx.AsyncClient, path: str
         {"stauts": "failed"},  # unknown parameters are refused, as unknown body fields are
     ],
 )
-async def test_out_of_range_list_parameters_are_422(
-    client: httpx.AsyncClient, params: dict
-) -> None:
+async def test_out_of_range_list_parameters_are_422(client: httpx.AsyncClient, params: Any) -> None:
     assert_problem(await client.get("/jobs", params=params), 422, "validation_error")
 
 

@@ -62,9 +62,15 @@ async def create_export(
 @router.get(
     "/exports/{job_id}/download",
     status_code=307,
+    response_class=RedirectResponse,
     summary="Redirect to the export's file",
     responses={
-        307: {"description": "Redirect to a presigned URL"},
+        307: {
+            "description": "Redirect to a presigned URL (no body).",
+            "headers": {
+                "Location": {"description": "The presigned URL.", "schema": {"type": "string"}}
+            },
+        },
         **PROBLEM_RESPONSES,
         **JOB_NOT_FOUND,
         **problem_responses(s409="`job_not_ready`", s410="`result_expired`"),
