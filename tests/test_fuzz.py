@@ -79,3 +79,25 @@ def test_errors_are_documented_as_problem_json() -> None:
                     )
             if path not in ("/healthz", "/readyz", "/metrics"):
                 assert "401" in operation["responses"], (method, path)
+
+
+def test_routes_that_only_describe_their_errors_still_document_the_problem() -> None:
+    """A router written elsewhere (`responses={409: {"description": ...}}`, FastAPI's own 422)
+    gets the Problem body in the OpenAPI without repeating it."""
+    from fastapi import FastAPI
+
+    from app.api import problems
+
+    app = FastAPI()
+    problems.install(app)
+
+    @app.get("/x/{n}", responses={409: {"description": "`conflict`"}})
+    async def x(n: int) -> dict[str, int]:
+        return {"n": n}
+
+    responses = app.openapi()["paths"]["/x/{n}"]["get"]["responses"]
+    for status in ("409", "422"):
+        assert responses[status]["content"] == {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        }
+    assert "HTTPValidationError" not in app.openapi()["components"]["schemas"]

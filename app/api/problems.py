@@ -1,5 +1,6 @@
 """The one place where errors become `application/problem+json` (RFC 9457)."""
 
+import json
 from typing import Any
 
 import structlog
@@ -144,17 +145,40 @@ def _title(status: int) -> str:
 
 
 def _problem_media_types(schema: dict[str, Any]) -> dict[str, Any]:
-    """FastAPI documents every response model as `application/json`; a `Problem` is in fact sent
-    as `application/problem+json`, so the OpenAPI says that (clients and fuzzers check it)."""
+    """Every error response in the OpenAPI is what is sent: a `Problem` as
+    `application/problem+json` (clients and fuzzers check it).
+
+    FastAPI documents a response model as `application/json`, a response given only a
+    description as having no body, and adds its own 422 (`HTTPValidationError`), which Ferry never
+    sends. All three become the Problem; an error response documented with another body (the 503
+    of `/readyz`) is left alone.
+    """
     ref = "#/components/schemas/Problem"
+    problem_body = {"schema": {"$ref": ref}}
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
     for path in schema.get("paths", {}).values():
         for operation in path.values():
-            for response in operation.get("responses", {}).values():
-                content = response.get("content", {})
-                json_body = content.get("application/json")
-                if json_body and json_body.get("schema", {}).get("$ref") == ref:
-                    content[PROBLEM] = content.pop("application/json")
+            for status, response in operation.get("responses", {}).items():
+                if not status.isdigit() or int(status) < 400:
+                    continue
+                content = response.setdefault("content", {})
+                body_ref = content.get("application/json", {}).get("schema", {}).get("$ref", "")
+                if not content or body_ref in (ref, "#/components/schemas/HTTPValidationError"):
+                    content.pop("application/json", None)
+                    content[PROBLEM] = problem_body
+    if ref.rsplit("/", 1)[1] not in components:
+        for name, definition in _problem_components().items():
+            components.setdefault(name, definition)
+    if "HTTPValidationError" not in json.dumps(schema.get("paths", {})):
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
     return schema
+
+
+def _problem_components() -> dict[str, Any]:
+    definition = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    definitions: dict[str, Any] = definition.pop("$defs", {})
+    return {**definitions, "Problem": definition}
 
 
 def install(app: FastAPI) -> None:
