@@ -11,7 +11,7 @@ import contextlib
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -119,14 +119,19 @@ def encode_cursor(job: Job) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The position a cursor names. Anything else, however it was made, is 400 `invalid_cursor`:
+    a cursor is only a position, the tenant always comes from the key."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, job_id = json.loads(raw)
-        after = datetime.fromisoformat(created_at)
-        if after.tzinfo is None:
-            raise ValueError("naive time")
-        return after, uuid.UUID(job_id)
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        if not isinstance(created_at, str) or not isinstance(job_id, str):
+            raise TypeError("a cursor holds two strings")
+        at = datetime.fromisoformat(created_at)
+        if at.tzinfo is None:
+            raise ValueError("a cursor's time must have an offset")
+        # Out of range once in UTC (year 1 at +05:00): OverflowError, not a query that fails.
+        return at.astimezone(UTC), uuid.UUID(job_id)
+    except (ValueError, TypeError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise BadRequest(
             "The cursor is not one this service issued.", code="invalid_cursor"
         ) from None

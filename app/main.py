@@ -13,7 +13,7 @@ from app.api import exports, health, imports, jobs, problems, resources, ws
 from app.config import Settings, get_settings
 from app.errors import ConfigError
 from app.events import Hub
-from app.middleware import RequestContext
+from app.middleware import BodyLimit, RequestContext
 from app.services import open_services
 
 DESCRIPTION = """
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     for module in (exports, imports, jobs, resources, health, ws):
         app.include_router(module.router)
+    app.add_middleware(BodyLimit)
     app.add_middleware(RequestContext)
     return app
 

@@ -6,7 +6,15 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 Kind = Literal["export", "import"]
 Status = Literal["awaiting_upload", "queued", "running", "succeeded", "failed", "cancelled"]
@@ -26,7 +34,9 @@ class Op(StrEnum):
     is_null = "is_null"
 
 
-Scalar = str | int | float | bool
+# Finite only: JSON has no Infinity or NaN (Python's parser takes them), and PostgreSQL's jsonb,
+# where the normalized request is kept, refuses them.
+Scalar = str | int | FiniteFloat | bool
 
 
 class Filter(BaseModel):
@@ -51,6 +61,7 @@ class Filter(BaseModel):
         return self
 
 
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
 _UNSAFE_FILENAME = re.compile(r"[/\\\x00-\x1f\x7f]|%2f|%5c|%00", re.IGNORECASE)
 
 
@@ -89,8 +100,8 @@ class ExportRequest(BaseModel):
     format: Literal["csv", "jsonl"] = "csv"
     compression: Literal["none", "gzip"] = "none"
     delimiter: str = ","
-    header: bool = True
-    spreadsheet_safe: bool = Field(
+    header: StrictBool = True
+    spreadsheet_safe: StrictBool = Field(
         False, description="Prefix text cells starting with = + - @ TAB CR with `'`."
     )
     filename: str | None = Field(None, min_length=1, max_length=255)
@@ -110,6 +121,17 @@ class ExportRequest(BaseModel):
     def _plain_filename(cls, value: str | None) -> str | None:
         if value is not None and (_UNSAFE_FILENAME.search(value) or value in (".", "..")):
             raise ValueError("a plain file name: no path separators or control characters")
+        return value
+
+    @field_validator("run_at", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: Any) -> Any:
+        """Only an RFC 3339 string (or a datetime, when re-read by the worker): pydantic alone
+        would also take a number of seconds, which the OpenAPI does not promise."""
+        if value is None or isinstance(value, datetime):
+            return value
+        if not isinstance(value, str) or not _RFC3339.match(value):
+            raise ValueError("an RFC 3339 date-time string, such as 2026-01-31T09:00:00Z")
         return value
 
     @field_validator("run_at")

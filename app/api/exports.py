@@ -9,7 +9,8 @@ from fastapi.responses import JSONResponse, RedirectResponse
 
 from app import export, jobs, jobstore, presenter
 from app.api.deps import ServicesDep, TenantDep
-from app.api.responses import PROBLEM_RESPONSES, submitted_response
+from app.api.problems import problem_responses
+from app.api.responses import JOB_NOT_FOUND, LOCATION, PROBLEM_RESPONSES, submitted_response
 from app.errors import Conflict, Gone
 from app.schemas import ExportRequest, JobOut
 
@@ -27,10 +28,14 @@ IdempotencyKey = Annotated[
     response_model=JobOut,
     summary="Export a resource to CSV or JSON Lines in S3",
     responses={
+        202: {"description": "The job, accepted.", "headers": LOCATION},
         **PROBLEM_RESPONSES,
-        409: {"description": "`idempotency_key_reused`"},
-        429: {"description": "`too_many_active_jobs`, with Retry-After"},
-        503: {"description": "`queue_full`, with Retry-After"},
+        **problem_responses(
+            s409="`idempotency_key_reused`",
+            s413="`upload_too_large`: the JSON body is over its limit.",
+            s429="`too_many_active_jobs`",
+            s503="`queue_full`",
+        ),
     },
 )
 async def create_export(
@@ -57,12 +62,18 @@ async def create_export(
 @router.get(
     "/exports/{job_id}/download",
     status_code=307,
+    response_class=RedirectResponse,
     summary="Redirect to the export's file",
     responses={
-        307: {"description": "Redirect to a presigned URL"},
-        404: {"description": "`job_not_found`"},
-        409: {"description": "`job_not_ready`"},
-        410: {"description": "`result_expired`"},
+        307: {
+            "description": "Redirect to a presigned URL (no body).",
+            "headers": {
+                "Location": {"description": "The presigned URL.", "schema": {"type": "string"}}
+            },
+        },
+        **PROBLEM_RESPONSES,
+        **JOB_NOT_FOUND,
+        **problem_responses(s409="`job_not_ready`", s410="`result_expired`"),
     },
 )
 async def download(job_id: uuid.UUID, services: ServicesDep, tenant: TenantDep) -> RedirectResponse:

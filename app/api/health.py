@@ -6,11 +6,19 @@ from typing import Any
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
 
 from app import jobstore, metrics
 from app.api.deps import ServicesDep
 
 router = APIRouter(tags=["operations"])
+
+
+class Readiness(BaseModel):
+    postgres: str = Field(description="`ok`, or `error: <kind>`")
+    redis: str
+    s3: str
+
 
 CHECK_TIMEOUT = 2.0
 
@@ -31,7 +39,10 @@ async def _check(probe: Any) -> str:
 @router.get(
     "/readyz",
     summary="Readiness: PostgreSQL, Redis and S3 each checked",
-    responses={503: {"description": "A dependency is down; the body names it."}},
+    response_model=Readiness,
+    responses={
+        503: {"model": Readiness, "description": "A dependency is down; the body names it."}
+    },
 )
 async def readyz(services: ServicesDep) -> JSONResponse:
     postgres, redis, s3 = await asyncio.gather(

@@ -5,12 +5,19 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from app import presenter
+from app.api.problems import problem_responses
 from app.jobs import Submitted
 from app.services import Services
 
-PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"description": "Missing or unknown API key (problem+json)."},
-    422: {"description": "Invalid request (problem+json with `code` and `errors`)."},
+# What every authenticated operation with parameters may answer (problem+json).
+PROBLEM_RESPONSES = problem_responses(
+    s401="`unauthorized`: missing or unknown API key.",
+    s422="`validation_error` (with `errors`), or a named code such as `unknown_column`.",
+)
+JOB_NOT_FOUND = problem_responses(s404="`job_not_found`, also for another tenant's job.")
+# The 201/202 that create or act on a job name it in `Location`.
+LOCATION = {
+    "Location": {"description": "The job's URL: `/jobs/{id}`.", "schema": {"type": "string"}}
 }
 
 
