@@ -59,3 +59,6 @@ class WorkerSettings:
     # On SIGTERM, running jobs get this long to finish before they are handed back.
     job_completion_wait = int(settings.shutdown_grace_seconds)
     health_check_interval = 30
+    # arq polls its queue (it has no wake-up on enqueue): 0.5 s by default, i.e. 0.25 s of
+    # every job's end-to-end time on average. Polling 10 times a second costs Redis nothing.
+    poll_delay = 0.1

@@ -152,7 +152,10 @@ class MultipartWriter:
         self.part_size = max(part_size, MIN_PART_SIZE)
         self.content_type = content_type
         self.bytes_written = 0
-        self._buffer = bytearray()
+        # The part being gathered, as the chunks written: joined once when the part is sent
+        # (a bytearray grown by += and then copied by bytes() costs two copies of every byte).
+        self._chunks: list[bytes] = []
+        self._buffered = 0
         self._upload_id: str | None = None
         self._parts: dict[int, str] = {}
         self._part_count = 0
@@ -176,9 +179,12 @@ class MultipartWriter:
     async def write(self, data: bytes) -> None:
         if self._error is not None:
             raise self._error
-        self._buffer += data
+        if not isinstance(data, bytes):
+            data = bytes(data)  # a view may point into a buffer its owner reuses
+        self._chunks.append(data)
+        self._buffered += len(data)
         self.bytes_written += len(data)
-        if len(self._buffer) >= self.part_size:
+        if self._buffered >= self.part_size:
             await self._flush_part()
 
     async def _flush_part(self) -> None:
@@ -187,13 +193,18 @@ class MultipartWriter:
                 Bucket=self.storage.bucket, Key=self.key, ContentType=self.content_type
             )
             self._upload_id = created["UploadId"]
-        body, self._buffer = bytes(self._buffer), bytearray()
+        body = self._take()
         self._part_count += 1
         number = self._part_count
         await self._slots.acquire()  # back pressure: at most N parts in flight
         task = asyncio.create_task(self._upload_part(number, body))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _take(self) -> bytes:
+        body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks, self._buffered = [], 0
+        return body
 
     async def _upload_part(self, number: int, body: bytes) -> None:
         try:
@@ -213,9 +224,9 @@ class MultipartWriter:
 
     async def _finish(self) -> None:
         if self._upload_id is None:
-            await self.storage.put(self.key, bytes(self._buffer), self.content_type)
+            await self.storage.put(self.key, self._take(), self.content_type)
             return
-        if self._buffer:
+        if self._buffered:
             await self._flush_part()
         await asyncio.gather(*list(self._tasks))
         if self._error is not None:
