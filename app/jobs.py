@@ -30,7 +30,10 @@ def request_hash(kind: str, params: dict[str, Any]) -> str:
 
 
 async def check_capacity(con: jobstore.Connection, services: Services, tenant: str) -> None:
-    load = await jobstore.load(con, tenant)
+    settings = services.settings
+    load = await jobstore.load(
+        con, tenant, settings.max_queued_jobs, settings.max_active_jobs_per_tenant
+    )
     if load.queued >= services.settings.max_queued_jobs:
         raise Unavailable(
             "The queue is full; retry later.",
@@ -81,6 +84,10 @@ async def submit(
     if previous is not None:
         return previous
     status_code = 201 if awaiting_upload else 202
+    job_id = job_id or uuid.uuid4()
+    # The arq id is stored with the row, so that queueing after the commit needs no second
+    # write (and commit); a message Redis never got is re-sent by the reconciler.
+    queue_id = None if awaiting_upload else queue.new_queue_id(job_id)
     try:
         async with services.pool.acquire() as con, con.transaction():
             # One submission per tenant at a time, so the tenant's limit is exact.
@@ -99,6 +106,7 @@ async def submit(
                 request_hash=fingerprint if idempotency_key else None,
                 response_status=status_code,
                 job_id=job_id,
+                queue_id=queue_id,
             )
     except asyncpg.UniqueViolationError:
         # Another request with the same Idempotency-Key won the race: answer as it did.
@@ -107,8 +115,8 @@ async def submit(
             raise
         return previous
     metrics.JOBS_SUBMITTED.labels(kind).inc()
-    if not awaiting_upload:
-        await dispatch(services, job)
+    if queue_id is not None:
+        await queue.enqueue(services.redis, job["id"], job["run_at"], queue_id=queue_id)
     return Submitted(job, status_code)
 
 

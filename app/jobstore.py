@@ -46,13 +46,14 @@ async def create(
     request_hash: str | None = None,
     response_status: int | None = None,
     job_id: uuid.UUID | None = None,
+    queue_id: str | None = None,
 ) -> Job:
     row = await con.fetchrow(
         f"""INSERT INTO ferry.jobs (id, tenant_id, kind, status, resource, params, run_at,
                 upload_key, idempotency_key, request_hash, response_status,
-                idempotency_expires_at)
+                idempotency_expires_at, queue_id)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
-                CASE WHEN $9::text IS NULL THEN NULL ELSE now() + interval '24 hours' END)
+                CASE WHEN $9::text IS NULL THEN NULL ELSE now() + interval '24 hours' END, $12)
             RETURNING {COLUMNS}""",
         job_id or uuid.uuid4(),
         tenant,
@@ -65,6 +66,7 @@ async def create(
         idempotency_key,
         request_hash,
         response_status,
+        queue_id,
     )
     assert row is not None
     return dict(row)
@@ -164,12 +166,20 @@ class Load:
     tenant_active: int
 
 
-async def load(con: Connection, tenant: str) -> Load:
+async def load(
+    con: Connection, tenant: str, max_queued: int | None = None, max_active: int | None = None
+) -> Load:
+    """Queued jobs (all tenants) and the tenant's active jobs, each counted up to its limit
+    only: a submission's cost stays bounded however long the queue grows."""
     row = await con.fetchrow(
-        """SELECT count(*) FILTER (WHERE status = 'queued') AS queued,
-                  count(*) FILTER (WHERE tenant_id = $1) AS tenant_active
-           FROM ferry.jobs WHERE status IN ('queued', 'running')""",
+        """SELECT (SELECT count(*) FROM (SELECT 1 FROM ferry.jobs
+                   WHERE status = 'queued' LIMIT $2) q) AS queued,
+                  (SELECT count(*) FROM (SELECT 1 FROM ferry.jobs
+                   WHERE status IN ('queued', 'running') AND tenant_id = $1 LIMIT $3) t)
+                   AS tenant_active""",
         tenant,
+        max_queued,
+        max_active,
     )
     assert row is not None
     return Load(queued=row["queued"], tenant_active=row["tenant_active"])
