@@ -7,6 +7,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
+# The checkout whose API and worker are measured (default: this one). Another branch's tree,
+# e.g. from `git archive`, can be measured with this harness: BENCH_APP_ROOT=/path/to/tree.
+APP_ROOT = Path(os.environ.get("BENCH_APP_ROOT") or ROOT).resolve()
 MILLION = 1_000_000
 FIGURES = ("export", "import", "memory", "api", "ws")
 

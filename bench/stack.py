@@ -21,7 +21,7 @@ import redis
 from app import auth, cli, db
 from app.config import Settings
 from app.dev import emulator_env, ensure_bucket, free_port, start_s3_emulator
-from bench.config import RESULTS, ROOT, Config
+from bench.config import APP_ROOT, RESULTS, Config
 
 BUCKET = "ferry-bench"
 TENANT = "bench"
@@ -105,11 +105,12 @@ class Stack:
         redis.Redis.from_url(self.config.redis_url).flushdb()
         self.env = {
             **os.environ,
+            "PYTHONPATH": str(APP_ROOT),
             **emulator_env(self.s3_endpoint),
             "FERRY_DATABASE_URL": self.config.dsn,
             "FERRY_REDIS_URL": self.config.redis_url,
             "FERRY_S3_BUCKET": BUCKET,
-            "FERRY_RESOURCES_FILE": str(ROOT / "resources.toml"),
+            "FERRY_RESOURCES_FILE": str(APP_ROOT / "resources.toml"),
             "FERRY_LOG_JSON": "true",
             "AWS_DEFAULT_REGION": "us-east-1",
         }
@@ -146,7 +147,7 @@ class Stack:
             env={**self.env, **env},
             stdout=self._log(f"api-{port}"),
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=APP_ROOT,
         )
         url = f"http://127.0.0.1:{port}"
         wait_for_http(f"{url}/healthz", process)
@@ -164,7 +165,7 @@ class Stack:
             env={**self.env, **env},
             stdout=self._log("worker"),
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=APP_ROOT,
         )
         return self.worker
 
