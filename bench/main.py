@@ -1,6 +1,7 @@
 """One bench run: start the stack, measure each figure beside its reference, write the table."""
 
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -34,6 +35,12 @@ def _benches() -> dict[str, Bench]:
 
 def main() -> int:
     config = Config.from_env()
+    if shutil.which("psql") is None:
+        print(
+            "bench: psql not found: the references need PostgreSQL's client on PATH",
+            file=sys.stderr,
+        )
+        return 2
     started = time.monotonic()
     load = {"start": os.getloadavg()}
     log(f"bench: {config.rows:,} rows, repeat {config.repeat}, load {load['start']}")
