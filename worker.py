@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import ctypes
 import uuid
 from typing import Any, ClassVar
 
@@ -15,7 +16,17 @@ settings = get_settings()
 HANDLERS: dict[str, runner.Handler] = {"export": export.run}
 
 
+def _fixed_mmap_threshold() -> None:
+    """Have glibc mmap (and unmap) every allocation of 1 MiB or more: an export's part buffers
+    (MiBs each) otherwise move into the heap once glibc's adaptive threshold rises past them,
+    and the heap's fragments grow the RSS with the size of the export (bench: peak RSS from 1M
+    to 10M rows 1.20x without, 1.09x with). A no-op where there is no glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD
+
+
 async def startup(ctx: dict[str, Any]) -> None:
+    _fixed_mmap_threshold()
     logs.configure(settings.log_level, settings.log_json)
     stack = contextlib.AsyncExitStack()
     ctx["stack"] = stack

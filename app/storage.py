@@ -6,6 +6,7 @@ does not abort its multipart upload when the task is cancelled (FIELD-NOTES).
 
 import asyncio
 import contextlib
+import io
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -155,10 +156,12 @@ class MultipartWriter:
         self.part_size = max(part_size, MIN_PART_SIZE)
         self.content_type = content_type
         self.bytes_written = 0
-        # The part being gathered, as the chunks written: joined once when the part is sent
-        # (a bytearray grown by += and then copied by bytes() costs two copies of every byte).
-        self._chunks: list[bytes] = []
-        self._buffered = 0
+        # The part being gathered. A BytesIO written to (never built from bytes) is handed to
+        # botocore as the part's body as it is: aiohttp streams it in 64 KiB slices without the
+        # whole-part copies that a bytes body costs (botocore wraps bytes in a shared BytesIO,
+        # which aiohttp's getbuffer() then copies whole), so each part in flight holds its
+        # bytes once, and a bytearray grown by += then copied by bytes() is gone too.
+        self._part = io.BytesIO()
         self._upload_id: str | None = None
         self._parts: dict[int, str] = {}
         self._part_count = 0
@@ -182,12 +185,9 @@ class MultipartWriter:
     async def write(self, data: bytes) -> None:
         if self._error is not None:
             raise self._error
-        if not isinstance(data, bytes):
-            data = bytes(data)  # a view may point into a buffer its owner reuses
-        self._chunks.append(data)
-        self._buffered += len(data)
+        self._part.write(data)
         self.bytes_written += len(data)
-        if self._buffered >= self.part_size:
+        if self._part.tell() >= self.part_size:
             await self._flush_part()
 
     async def _flush_part(self) -> None:
@@ -204,12 +204,12 @@ class MultipartWriter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _take(self) -> bytes:
-        body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks, self._buffered = [], 0
+    def _take(self) -> io.BytesIO:
+        body, self._part = self._part, io.BytesIO()
+        body.seek(0)
         return body
 
-    async def _upload_part(self, number: int, body: bytes) -> None:
+    async def _upload_part(self, number: int, body: io.BytesIO) -> None:
         try:
             response = await self.storage.client.upload_part(
                 Bucket=self.storage.bucket,
@@ -227,9 +227,9 @@ class MultipartWriter:
 
     async def _finish(self) -> None:
         if self._upload_id is None:
-            await self.storage.put(self.key, self._take(), self.content_type)
+            await self.storage.put(self.key, self._take().getvalue(), self.content_type)
             return
-        if self._buffered:
+        if self._part.tell():
             await self._flush_part()
         await asyncio.gather(*list(self._tasks))
         if self._error is not None:

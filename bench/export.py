@@ -132,6 +132,17 @@ def bench_export(stack: Stack, figures: list[Any], commands: dict[str, str]) -> 
             config.repeat,
             label="export",
         )
+    # The reference pays the AWS CLI's start-up on each run (Ferry's worker is long-lived):
+    # measure it, so a reader can tell how much of the ratio it is.
+    startup = median(
+        [
+            timed_shell(
+                f"{aws} --endpoint-url {stack.s3_endpoint} s3api head-bucket --bucket {BUCKET}",
+                aws_env,
+            )
+            for _ in range(3)
+        ]
+    )
     note = ""
     if sizes.get("ferry") != sizes.get("pipeline"):
         note = (
@@ -139,6 +150,7 @@ def bench_export(stack: Stack, figures: list[Any], commands: dict[str, str]) -> 
         )
     else:
         note = f"same object: {sizes['ferry']:,} bytes"
+    note += f"; the AWS CLI's start-up alone (`aws s3api head-bucket`) takes {startup:.2f} s"
     ferry_rate = rows / median(runs["ferry"])
     figures.append(
         Figure(
