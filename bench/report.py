@@ -76,7 +76,7 @@ def versions(config: Config) -> dict[str, str]:
     except redis.RedisError:
         found["Redis"] = "unknown"
     psql = subprocess.run(["psql", "--version"], capture_output=True, text=True, check=False)
-    found["psql"] = psql.stdout.strip().split()[-1] if psql.returncode == 0 else "unknown"
+    found["psql"] = psql.stdout.split()[2] if psql.returncode == 0 else "unknown"
     if awscli.AWS.exists():
         found["aws-cli"] = awscli.version()
     for name in PACKAGES:
@@ -96,9 +96,10 @@ def table(figures: list[Any]) -> str:
             continue
         assert isinstance(f, Figure)
         ratio = f"{f.ratio:.2f}x" if f.ratio is not None else "—"
+        reference = f.reference_name.replace("|", "\\|")  # a pipe inside a table cell
         lines.append(
             f"| {f.name} | {_fmt(f.ferry, f.unit)} | {_fmt(f.reference, f.unit)} | {ratio}"
-            f" | {f.target} | {f.reference_name} |"
+            f" | {f.target} | {reference} |"
         )
     return "\n".join(lines)
 
