@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import ctypes
 import uuid
 from typing import Any, ClassVar
 
@@ -17,7 +18,17 @@ settings = get_settings()
 HANDLERS: dict[str, runner.Handler] = {"export": export.run, "import": importer.run}
 
 
+def _fixed_mmap_threshold() -> None:
+    """Have glibc mmap (and unmap) every allocation of 1 MiB or more: an export's part buffers
+    (MiBs each) otherwise move into the heap once glibc's adaptive threshold rises past them,
+    and the heap's fragments grow the RSS with the size of the export (bench: peak RSS from 1M
+    to 10M rows 1.20x without, 1.09x with). A no-op where there is no glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD
+
+
 async def startup(ctx: dict[str, Any]) -> None:
+    _fixed_mmap_threshold()
     logs.configure(settings.log_level, settings.log_json)
     if settings.worker_metrics_port:
         # Job counts, durations, rows and bytes are counted where jobs run: in the worker.
@@ -64,3 +75,6 @@ class WorkerSettings:
     # On SIGTERM, running jobs get this long to finish before they are handed back.
     job_completion_wait = int(settings.shutdown_grace_seconds)
     health_check_interval = 30
+    # arq polls its queue (it has no wake-up on enqueue): 0.5 s by default, i.e. 0.25 s of
+    # every job's end-to-end time on average. Polling 10 times a second costs Redis nothing.
+    poll_delay = 0.1

@@ -30,7 +30,10 @@ def request_hash(kind: str, params: dict[str, Any]) -> str:
 
 
 async def check_capacity(con: jobstore.Connection, services: Services, tenant: str) -> None:
-    load = await jobstore.load(con, tenant)
+    settings = services.settings
+    load = await jobstore.load(
+        con, tenant, settings.max_queued_jobs, settings.max_active_jobs_per_tenant
+    )
     if load.queued >= services.settings.max_queued_jobs:
         raise Unavailable(
             "The queue is full; retry later.",

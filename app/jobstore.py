@@ -216,12 +216,20 @@ class Load:
     tenant_active: int
 
 
-async def load(con: Connection, tenant: str) -> Load:
+async def load(
+    con: Connection, tenant: str, max_queued: int | None = None, max_active: int | None = None
+) -> Load:
+    """Queued jobs (all tenants) and the tenant's active jobs, each counted up to its limit
+    only: a submission's cost stays bounded however long the queue grows."""
     row = await con.fetchrow(
-        """SELECT count(*) FILTER (WHERE status = 'queued') AS queued,
-                  count(*) FILTER (WHERE tenant_id = $1) AS tenant_active
-           FROM ferry.jobs WHERE status IN ('queued', 'running')""",
+        """SELECT (SELECT count(*) FROM (SELECT 1 FROM ferry.jobs
+                   WHERE status = 'queued' LIMIT $2) q) AS queued,
+                  (SELECT count(*) FROM (SELECT 1 FROM ferry.jobs
+                   WHERE status IN ('queued', 'running') AND tenant_id = $1 LIMIT $3) t)
+                   AS tenant_active""",
         tenant,
+        max_queued,
+        max_active,
     )
     assert row is not None
     return Load(queued=row["queued"], tenant_active=row["tenant_active"])

@@ -37,17 +37,15 @@ async def loop(services: Services) -> None:
 
 async def reconcile(services: Services) -> dict[str, int]:
     counts: Counter[str] = Counter()
-    async with services.pool.acquire() as con:
-        if not await con.fetchval("SELECT pg_try_advisory_lock($1)", LOCK):
+    # A transaction-scoped lock: it cannot outlive the pass on a pooled connection.
+    async with services.pool.acquire() as con, con.transaction():
+        if not await con.fetchval("SELECT pg_try_advisory_xact_lock($1)", LOCK):
             return {}
-        try:
-            await _stale_running(services, counts)
-            await _lost_messages(services, counts)
-            await _abandoned_uploads(services, counts)
-            await _expired_results(services, counts)
-            await jobstore.expire_idempotency_keys(services.pool)
-        finally:
-            await con.execute("SELECT pg_advisory_unlock($1)", LOCK)
+        await _stale_running(services, counts)
+        await _lost_messages(services, counts)
+        await _abandoned_uploads(services, counts)
+        await _expired_results(services, counts)
+        await jobstore.expire_idempotency_keys(services.pool)
     return dict(counts)
 
 

@@ -13,7 +13,8 @@ from app.services import Services
 _bearer = HTTPBearer(auto_error=False, description="An API key from `ferry keys create`.")
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a hand-off per request.
     services: Services = request.app.state.services
     return services
 

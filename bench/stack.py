@@ -1,0 +1,231 @@
+"""The servers a bench run starts (S3 emulator, API, worker), its database and its tenants.
+
+Same approach as tests/conftest.py: real processes on loopback, each stopped when the run ends.
+"""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import AsyncExitStack, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import redis
+
+from app import auth, cli, db
+from app.config import Settings
+from app.dev import emulator_env, ensure_bucket, free_port, start_s3_emulator
+from bench.config import APP_ROOT, RESULTS, Config
+
+BUCKET = "ferry-bench"
+TENANT = "bench"
+
+# The same rows as `ferry seed-demo` (app/cli.py), for any tenant and id range.
+_SEED_ROWS = """
+INSERT INTO public.users (id, tenant_id, first_name, last_name, age, email, created_at)
+SELECT g, $3,
+       (ARRAY['Ada','Grace','Alan','Edsger','Barbara','Donald','Frances',
+              'Ken','Margaret','Niklaus'])[1 + g % 10],
+       (ARRAY['Lovelace','Hopper','Turing','Dijkstra','Liskov','Knuth',
+              'Allen','Thompson','Hamilton','Wirth'])[1 + (g / 10) % 10],
+       CASE WHEN g % 17 = 0 THEN NULL ELSE 16 + g % 60 END,
+       'user' || g || '@example.com',
+       timestamptz '2024-01-01 00:00:00+00' + g * interval '1 minute'
+FROM generate_series($1::bigint, $2::bigint) AS g
+"""
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process, in KiB: its resident set now and its peak."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            values[name] = int(rest.split()[0])
+    return values["VmRSS"], values["VmHWM"]
+
+
+def stop(process: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def wait_for_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+@dataclass
+class Stack:
+    config: Config
+    logs: Path = RESULTS / "logs"
+    env: dict[str, str] = field(default_factory=dict)
+    s3_endpoint: str = ""
+    settings: Settings | None = None
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    api: subprocess.Popen[bytes] | None = None
+    api_url: str = ""
+    worker: subprocess.Popen[bytes] | None = None
+    keys: dict[str, str] = field(default_factory=dict)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        for old in self.logs.glob("*.log"):
+            old.unlink()
+        port = free_port()
+        self.s3_endpoint = f"http://127.0.0.1:{port}"
+        log(f"S3 emulator (moto) on {self.s3_endpoint}")
+        self.processes.append(start_s3_emulator(port, stdout=self._log("s3")))
+        redis.Redis.from_url(self.config.redis_url).flushdb()
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(APP_ROOT),
+            **emulator_env(self.s3_endpoint),
+            "FERRY_DATABASE_URL": self.config.dsn,
+            "FERRY_REDIS_URL": self.config.redis_url,
+            "FERRY_S3_BUCKET": BUCKET,
+            "FERRY_RESOURCES_FILE": str(APP_ROOT / "resources.toml"),
+            "FERRY_LOG_JSON": "true",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith(("FERRY_", "AWS_"))})
+        self.settings = Settings()
+        asyncio.run(db.migrate(self.config.dsn))
+        asyncio.run(ensure_bucket(self.settings))
+
+    def close(self) -> None:
+        for process in [self.worker, self.api, *reversed(self.processes)]:
+            stop(process)
+        self.worker = self.api = None
+        with suppress(redis.RedisError):
+            redis.Redis.from_url(self.config.redis_url).flushdb()
+
+    def _log(self, name: str) -> Any:
+        return open(self.logs / f"{name}.log", "ab")
+
+    # -- processes --------------------------------------------------------------------------
+    def start_api(self, **env: str) -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-access-log",
+            ],
+            env={**self.env, **env},
+            stdout=self._log(f"api-{port}"),
+            stderr=subprocess.STDOUT,
+            cwd=APP_ROOT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/healthz", process)
+        return process, url
+
+    def ensure_api(self) -> str:
+        if self.api is None or self.api.poll() is not None:
+            self.api, self.api_url = self.start_api()
+        return self.api_url
+
+    def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
+        self.stop_worker()
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "arq", "worker.WorkerSettings"],
+            env={**self.env, **env},
+            stdout=self._log("worker"),
+            stderr=subprocess.STDOUT,
+            cwd=APP_ROOT,
+        )
+        return self.worker
+
+    def ensure_worker(self) -> subprocess.Popen[bytes]:
+        if self.worker is None or self.worker.poll() is not None:
+            return self.start_worker()
+        return self.worker
+
+    def stop_worker(self) -> None:
+        stop(self.worker)
+        self.worker = None
+
+    # -- data -------------------------------------------------------------------------------
+    def key(self, tenant: str) -> str:
+        if tenant not in self.keys:
+            self.keys[tenant] = asyncio.run(_create_key(self.config.dsn, tenant))
+        return self.keys[tenant]
+
+    def headers(self, tenant: str = TENANT) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key(tenant)}"}
+
+    def seed(self, tenant: str, rows: int, first_id: int) -> None:
+        """Give `tenant` exactly ids first_id..first_id+rows-1 (kept between runs)."""
+        asyncio.run(_seed(self.config.dsn, tenant, rows, first_id))
+
+    async def s3(self, stack: AsyncExitStack) -> Any:
+        from app.storage import Storage
+
+        assert self.settings is not None
+        return await Storage.open(self.settings, stack)
+
+
+async def _create_key(dsn: str, tenant: str) -> str:
+    con = await asyncpg.connect(dsn)
+    try:
+        return await auth.create_key(con, tenant)
+    finally:
+        await con.close()
+
+
+async def _seed(dsn: str, tenant: str, rows: int, first_id: int) -> None:
+    con = await asyncpg.connect(dsn)
+    try:
+        await con.execute(cli._SEED_SQL)
+        last = first_id + rows - 1
+        have = await con.fetchrow(
+            "SELECT count(*) AS n, min(id) AS lo, max(id) AS hi FROM public.users"
+            " WHERE tenant_id = $1",
+            tenant,
+        )
+        if have is not None and (have["n"], have["lo"], have["hi"]) == (rows, first_id, last):
+            return
+        log(f"seeding {rows:,} users for tenant {tenant!r} (ids {first_id:,}..{last:,})")
+        async with con.transaction():
+            await con.execute(
+                "INSERT INTO ferry.tenants (id) VALUES ($1) ON CONFLICT DO NOTHING", tenant
+            )
+            await con.execute("DELETE FROM public.users WHERE tenant_id = $1", tenant)
+            await con.execute("DELETE FROM public.users WHERE id BETWEEN $1 AND $2", first_id, last)
+            await con.execute(_SEED_ROWS, first_id, last, tenant)
+        await con.execute("VACUUM ANALYZE public.users")
+    finally:
+        await con.close()
