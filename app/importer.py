@@ -376,6 +376,9 @@ def _ask(_: str) -> validate.Verdict:
 
 
 def _clip(value: str) -> str:
+    """The value as reported: cut to VALUE_LIMIT, a NUL (which PostgreSQL text cannot hold)
+    shown as the two characters `\\0`."""
+    value = value.replace("\x00", "\\0")
     return value if len(value) <= VALUE_LIMIT else value[:VALUE_LIMIT] + "…"
 
 
@@ -595,6 +598,10 @@ async def run(run: JobRun) -> Job:
     async with services.pool.acquire() as con, con.transaction():
         await run.report(0, 0, force=True)
         plan, total, written = await _stage(con, run, resource, params, counter)
+        if total == 0:
+            # A header and no rows is an empty file, not "replace with nothing": that would
+            # silently delete every row of the tenant. The transaction rolls back.
+            raise JobFailure("empty_file", "The file has a header but no data rows.")
         if written:  # the fast path already wrote every row: no row was bad
             inserted, updated, failed = total, 0, 0
         else:

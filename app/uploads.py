@@ -35,12 +35,13 @@ def invalid(errors: list[dict[str, Any]]) -> Invalid:
     return Invalid(detail, errors=errors)
 
 
-def parse_params(data: Any) -> ImportParams:
-    """The import params from a JSON body or the form's fields; 422 validation_error if bad."""
+def parse_params(data: Any, *, form: bool = False) -> ImportParams:
+    """The import params from a JSON body (JSON types exactly: `"dry_run": 0` is refused) or
+    the form's fields (text, so "true" is a boolean); 422 validation_error if bad."""
     if not isinstance(data, dict):
         raise invalid([{"field": "body", "message": "a JSON object", "type": "model_type"}])
     try:
-        return ImportParams.model_validate(data)
+        return ImportParams.model_validate(data, strict=not form)
     except ValidationError as e:
         raise invalid(
             [
@@ -200,7 +201,7 @@ async def create_multipart(
     key = upload_key(tenant, job_id)
     fields = await receive_multipart(services, stream, content_type, key)
     try:
-        params = parse_params({k: v for k, v in fields.items() if v != ""})
+        params = parse_params({k: v for k, v in fields.items() if v != ""}, form=True)
         resource = importable(services, params)
         submitted = await jobs.submit(
             services,

@@ -100,6 +100,7 @@ async def create_import(
     response_model=JobOut,
     summary="Queue an import once its file is uploaded to `upload_url`",
     responses={
+        **PROBLEM_RESPONSES,
         404: {"description": "`job_not_found`"},
         409: {"description": "`job_not_awaiting_upload`"},
         413: {"description": "`upload_too_large`"},
@@ -116,6 +117,7 @@ async def start_import(job_id: uuid.UUID, services: ServicesDep, tenant: TenantD
     status_code=307,
     summary="Redirect to the import's error report (CSV)",
     responses={
+        **PROBLEM_RESPONSES,
         307: {"description": "Redirect to a presigned URL"},
         404: {"description": "`job_not_found`, or `error_report_not_found`"},
     },
