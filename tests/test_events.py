@@ -381,7 +381,7 @@ async def test_client_that_stops_reading_is_dropped_alone(
             deadline = time.monotonic() + 60
             while _gauge((await client.get("/metrics")).text, "ferry_open_websockets") > 1:
                 assert time.monotonic() < deadline, "the stuck client was never dropped"
-                assert sent < 2000, "12 MB sent and the stuck client is still served"
+                assert sent < 10000, "60 MB sent and the stuck client is still served"
                 for _ in range(50):
                     sent += 1
                     event = {"tenant": tenant.name, "job_id": fake_job, "seq": sent,
