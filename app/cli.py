@@ -25,6 +25,22 @@ CREATE INDEX IF NOT EXISTS users_tenant ON public.users (tenant_id, id);
 """
 
 
+# Demo users with ids $1..$2 for tenant $3 (also used by the benchmarks).
+SEED_ROWS = """
+INSERT INTO public.users (id, tenant_id, first_name, last_name, age, email, created_at)
+SELECT g, $3,
+       (ARRAY['Ada','Grace','Alan','Edsger','Barbara','Donald','Frances',
+              'Ken','Margaret','Niklaus'])[1 + g % 10],
+       (ARRAY['Lovelace','Hopper','Turing','Dijkstra','Liskov','Knuth',
+              'Allen','Thompson','Hamilton','Wirth'])[1 + (g / 10) % 10],
+       CASE WHEN g % 17 = 0 THEN NULL ELSE 16 + g % 60 END,
+       'user' || g || '@example.com',
+       timestamptz '2024-01-01 00:00:00+00' + g * interval '1 minute'
+FROM generate_series($1::bigint, $2::bigint) AS g
+ON CONFLICT (id) DO NOTHING
+"""
+
+
 async def seed_demo(dsn: str, rows: int, tenant: str = DEMO_TENANT) -> None:
     """Create `public.users` and give tenant `demo` exactly `rows` rows (ids 1..rows)."""
     con = await asyncpg.connect(dsn)
@@ -35,22 +51,7 @@ async def seed_demo(dsn: str, rows: int, tenant: str = DEMO_TENANT) -> None:
                 "INSERT INTO ferry.tenants (id) VALUES ($1) ON CONFLICT DO NOTHING", tenant
             )
             await con.execute("DELETE FROM public.users WHERE tenant_id = $1", tenant)
-            await con.execute(
-                """INSERT INTO public.users (id, tenant_id, first_name, last_name, age, email,
-                                             created_at)
-                   SELECT g, $2,
-                          (ARRAY['Ada','Grace','Alan','Edsger','Barbara','Donald','Frances',
-                                 'Ken','Margaret','Niklaus'])[1 + g % 10],
-                          (ARRAY['Lovelace','Hopper','Turing','Dijkstra','Liskov','Knuth',
-                                 'Allen','Thompson','Hamilton','Wirth'])[1 + (g / 10) % 10],
-                          CASE WHEN g % 17 = 0 THEN NULL ELSE 16 + g % 60 END,
-                          'user' || g || '@example.com',
-                          timestamptz '2024-01-01 00:00:00+00' + g * interval '1 minute'
-                   FROM generate_series(1, $1::bigint) AS g
-                   ON CONFLICT (id) DO NOTHING""",
-                rows,
-                tenant,
-            )
+            await con.execute(SEED_ROWS, 1, rows, tenant)
         await con.execute("ANALYZE public.users")
     finally:
         await con.close()

@@ -5,7 +5,6 @@ Same approach as tests/conftest.py: real processes on loopback, each stopped whe
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,30 +14,22 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 import redis
 
 from app import auth, cli, db
 from app.config import Settings
-from app.dev import emulator_env, ensure_bucket, free_port, start_s3_emulator
+from app.dev import (
+    emulator_env,
+    ensure_bucket,
+    free_port,
+    start_s3_emulator,
+    stop,
+    wait_for_http,
+)
 from bench.config import APP_ROOT, RESULTS, Config
 
 BUCKET = "ferry-bench"
 TENANT = "bench"
-
-# The same rows as `ferry seed-demo` (app/cli.py), for any tenant and id range.
-_SEED_ROWS = """
-INSERT INTO public.users (id, tenant_id, first_name, last_name, age, email, created_at)
-SELECT g, $3,
-       (ARRAY['Ada','Grace','Alan','Edsger','Barbara','Donald','Frances',
-              'Ken','Margaret','Niklaus'])[1 + g % 10],
-       (ARRAY['Lovelace','Hopper','Turing','Dijkstra','Liskov','Knuth',
-              'Allen','Thompson','Hamilton','Wirth'])[1 + (g / 10) % 10],
-       CASE WHEN g % 17 = 0 THEN NULL ELSE 16 + g % 60 END,
-       'user' || g || '@example.com',
-       timestamptz '2024-01-01 00:00:00+00' + g * interval '1 minute'
-FROM generate_series($1::bigint, $2::bigint) AS g
-"""
 
 
 def log(message: str) -> None:
@@ -53,31 +44,6 @@ def rss_kib(pid: int) -> tuple[int, int]:
         if name in ("VmRSS", "VmHWM"):
             values[name] = int(rest.split()[0])
     return values["VmRSS"], values["VmHWM"]
-
-
-def stop(process: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def wait_for_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
 
 
 @dataclass
@@ -225,7 +191,7 @@ async def _seed(dsn: str, tenant: str, rows: int, first_id: int) -> None:
             )
             await con.execute("DELETE FROM public.users WHERE tenant_id = $1", tenant)
             await con.execute("DELETE FROM public.users WHERE id BETWEEN $1 AND $2", first_id, last)
-            await con.execute(_SEED_ROWS, first_id, last, tenant)
+            await con.execute(cli.SEED_ROWS, first_id, last, tenant)
         await con.execute("VACUUM ANALYZE public.users")
     finally:
         await con.close()

@@ -19,7 +19,15 @@ import redis
 
 from app import auth, cli, db
 from app.config import Settings
-from app.dev import emulator_env, ensure_bucket, free_port, start_s3_emulator, wait_for_port
+from app.dev import (
+    emulator_env,
+    ensure_bucket,
+    free_port,
+    start_s3_emulator,
+    stop,
+    wait_for_http,
+    wait_for_port,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -69,31 +77,6 @@ class Stack:
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
-
-
-def wait_for_http(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
-
-
-def stop(process: subprocess.Popen[bytes] | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 async def _prepare_database(dsn: str) -> None:
