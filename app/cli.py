@@ -57,7 +57,8 @@ async def seed_demo(dsn: str, rows: int, tenant: str = DEMO_TENANT) -> None:
         await con.close()
 
 
-async def _create_key(dsn: str, tenant: str) -> str:
+async def create_key(dsn: str, tenant: str) -> str:
+    """A new API key for `tenant` (created if needed), over a connection of its own."""
     con = await asyncpg.connect(dsn)
     try:
         return await auth.create_key(con, tenant)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"migrations applied: {', '.join(applied) or 'none (up to date)'}", file=sys.stderr
             )
         elif args.command == "keys":
-            print(asyncio.run(_create_key(dsn, args.tenant)))
+            print(asyncio.run(create_key(dsn, args.tenant)))
         elif args.command == "seed-demo":
             asyncio.run(seed_demo(dsn, args.rows))
             print(f"seeded {args.rows} users for tenant {DEMO_TENANT!r}", file=sys.stderr)

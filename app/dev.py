@@ -153,7 +153,7 @@ def run(settings: Settings) -> int:
         asyncio.run(ensure_bucket(settings))
         rows = int(os.environ.get("FERRY_DEMO_ROWS", "100000"))
         asyncio.run(cli.seed_demo(settings.database_url, rows))
-        key = asyncio.run(cli._create_key(settings.database_url, cli.DEMO_TENANT))
+        key = asyncio.run(cli.create_key(settings.database_url, cli.DEMO_TENANT))
         print(
             f"\n  Ferry is starting: http://127.0.0.1:8000/docs\n"
             f"  Dev API key (tenant {cli.DEMO_TENANT!r}, {rows} demo users):\n\n    {key}\n\n"

@@ -203,16 +203,7 @@ async def create_multipart(
     try:
         params = parse_params({k: v for k, v in fields.items() if v != ""}, form=True)
         resource = importable(services, params)
-        submitted = await jobs.submit(
-            services,
-            tenant=tenant,
-            kind="import",
-            resource=resource.name,
-            params=params.model_dump(mode="json"),
-            idempotency_key=idempotency_key,
-            upload_key=key,
-            job_id=job_id,
-        )
+        submitted = await _submit(services, tenant, resource, params, idempotency_key, job_id)
     except FerryError:  # refused before a job row exists: nobody will read the file
         await services.storage.delete(key)
         raise
@@ -221,23 +212,36 @@ async def create_multipart(
     return submitted
 
 
-async def create_presigned(
-    services: Services, tenant: str, body: Any, idempotency_key: str | None
-) -> tuple[jobs.Submitted, dict[str, Any]]:
-    """POST /imports (JSON): an `awaiting_upload` job and where to PUT the file."""
-    params = parse_params(body)
-    resource = importable(services, params)
-    job_id = uuid.uuid4()
-    submitted = await jobs.submit(
+async def _submit(
+    services: Services,
+    tenant: str,
+    resource: Resource,
+    params: ImportParams,
+    idempotency_key: str | None,
+    job_id: uuid.UUID,
+    awaiting_upload: bool = False,
+) -> jobs.Submitted:
+    return await jobs.submit(
         services,
         tenant=tenant,
         kind="import",
         resource=resource.name,
         params=params.model_dump(mode="json"),
         idempotency_key=idempotency_key,
-        awaiting_upload=True,
+        awaiting_upload=awaiting_upload,
         upload_key=upload_key(tenant, job_id),
         job_id=job_id,
+    )
+
+
+async def create_presigned(
+    services: Services, tenant: str, body: Any, idempotency_key: str | None
+) -> tuple[jobs.Submitted, dict[str, Any]]:
+    """POST /imports (JSON): an `awaiting_upload` job and where to PUT the file."""
+    params = parse_params(body)
+    resource = importable(services, params)
+    submitted = await _submit(
+        services, tenant, resource, params, idempotency_key, uuid.uuid4(), awaiting_upload=True
     )
     job = submitted.job
     upload: dict[str, Any] = {"upload_url": None, "upload_expires_at": None}

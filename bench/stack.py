@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import redis
 
-from app import auth, cli, db
+from app import cli, db
 from app.config import Settings
 from app.dev import (
     emulator_env,
@@ -147,7 +147,7 @@ class Stack:
     # -- data -------------------------------------------------------------------------------
     def key(self, tenant: str) -> str:
         if tenant not in self.keys:
-            self.keys[tenant] = asyncio.run(_create_key(self.config.dsn, tenant))
+            self.keys[tenant] = asyncio.run(cli.create_key(self.config.dsn, tenant))
         return self.keys[tenant]
 
     def headers(self, tenant: str = TENANT) -> dict[str, str]:
@@ -162,14 +162,6 @@ class Stack:
 
         assert self.settings is not None
         return await Storage.open(self.settings, stack)
-
-
-async def _create_key(dsn: str, tenant: str) -> str:
-    con = await asyncpg.connect(dsn)
-    try:
-        return await auth.create_key(con, tenant)
-    finally:
-        await con.close()
 
 
 async def _seed(dsn: str, tenant: str, rows: int, first_id: int) -> None:
