@@ -40,6 +40,17 @@ def wait_for_port(host: str, port: int, timeout: float = 20.0) -> None:
             time.sleep(0.1)
 
 
+def api_command(port: int, access_log: bool = True) -> list[str]:
+    """The API process on loopback, as `ferry dev`, the tests and the benchmarks run it."""
+    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1"]
+    command += ["--port", str(port)]
+    return command if access_log else [*command, "--no-access-log"]
+
+
+def worker_command() -> list[str]:
+    return [sys.executable, "-m", "arq", "worker.WorkerSettings"]
+
+
 def wait_for_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
     """Wait until `url` answers 200, failing early if `process` exits."""
     deadline = time.monotonic() + timeout
@@ -160,25 +171,8 @@ def run(settings: Settings) -> int:
             f'  curl -H "Authorization: Bearer {key}" http://127.0.0.1:8000/resources\n',
             flush=True,
         )
-        python = sys.executable
-        children.append(
-            _spawn(
-                "api",
-                [
-                    python,
-                    "-m",
-                    "uvicorn",
-                    "app.main:app",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    "8000",
-                    "--no-access-log",
-                ],
-                env,
-            )
-        )
-        children.append(_spawn("worker", [python, "-m", "arq", "worker.WorkerSettings"], env))
+        children.append(_spawn("api", api_command(8000, access_log=False), env))
+        children.append(_spawn("worker", worker_command(), env))
         while all(c.poll() is None for c in children):
             time.sleep(0.5)
         return 1

@@ -19,12 +19,14 @@ import redis
 from app import cli, db
 from app.config import Settings
 from app.dev import (
+    api_command,
     emulator_env,
     ensure_bucket,
     free_port,
     start_s3_emulator,
     stop,
     wait_for_http,
+    worker_command,
 )
 from bench.config import APP_ROOT, RESULTS, Config
 
@@ -99,17 +101,7 @@ class Stack:
     def start_api(self, **env: str) -> tuple[subprocess.Popen[bytes], str]:
         port = free_port()
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "app.main:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-access-log",
-            ],
+            api_command(port, access_log=False),
             env={**self.env, **env},
             stdout=self._log(f"api-{port}"),
             stderr=subprocess.STDOUT,
@@ -127,7 +119,7 @@ class Stack:
     def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
         self.stop_worker()
         self.worker = subprocess.Popen(
-            [sys.executable, "-m", "arq", "worker.WorkerSettings"],
+            worker_command(),
             env={**self.env, **env},
             stdout=self._log("worker"),
             stderr=subprocess.STDOUT,

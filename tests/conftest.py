@@ -20,6 +20,7 @@ import redis
 from app import auth, cli, db
 from app.config import Settings
 from app.dev import (
+    api_command,
     emulator_env,
     ensure_bucket,
     free_port,
@@ -27,6 +28,7 @@ from app.dev import (
     stop,
     wait_for_http,
     wait_for_port,
+    worker_command,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,16 +52,7 @@ class Stack:
         port = port or free_port()
         log = open(self.logs / f"api-{port}.log", "ab")  # noqa: SIM115
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "app.main:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
+            api_command(port),
             env={**self.env, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -71,7 +64,7 @@ class Stack:
     def start_worker(self, **env: str) -> subprocess.Popen[bytes]:
         log = open(self.logs / "worker.log", "ab")  # noqa: SIM115
         return subprocess.Popen(
-            [sys.executable, "-m", "arq", "worker.WorkerSettings"],
+            worker_command(),
             env={**self.env, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
