@@ -5,11 +5,13 @@ only from the allow-list, values only as bound parameters, a bad-request corpus 
 The CSV corpus for imports is in test_bad_csv.py, websocket isolation in test_ws_isolation.py.
 """
 
+import asyncio
 import base64
 import csv
 import io
 import json
 import re
+import time
 import uuid
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -139,7 +141,7 @@ async def test_idempotency_keys_are_per_tenant(
         {"column": "first_name", "op": "eq", "value": "x' OR '1'='1"},
         {"column": "first_name", "op": "like", "value": "%' OR tenant_id <> '"},
         {"column": "first_name", "op": "ilike", "value": "%"},
-        {"column": "email", "op": "ne", "value": "') OR true --"},
+        {"column": "first_name", "op": "ne", "value": "') OR true --"},  # never NULL
         {"column": "id", "op": "in", "value": ["0) OR (1=1"]},
         {"column": "first_name", "op": "not_in", "value": ["x'); DELETE FROM users; --"]},
     ],
@@ -555,11 +557,38 @@ async def test_unknown_near_miss_and_revoked_keys_are_401(
         "UPDATE ferry.api_keys SET revoked_at = now() WHERE key_hash = $1",
         auth.hash_key(tenant.key),
     )
-    assert_problem(
-        await anonymous.get("/resources", headers={"Authorization": f"Bearer {tenant.key}"}),
-        401,
-        "unauthorized",
+    # The API remembers a key's tenant for FERRY_AUTH_CACHE_SECONDS (1 s in the test stack).
+    deadline = time.monotonic() + 10
+    while True:
+        response = await anonymous.get(
+            "/resources", headers={"Authorization": f"Bearer {tenant.key}"}
+        )
+        if response.status_code == 401 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert_problem(response, 401, "unauthorized")
+
+
+async def test_a_new_key_works_at_once_and_unknown_keys_are_not_remembered(
+    anonymous: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    """A lookup that found nothing is not cached: a key created after it works at once."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    async with pool.acquire() as con:
+        key = await auth.create_key(con, name)
+    headers = {"Authorization": f"Bearer {key}"}
+    assert (await anonymous.get("/resources", headers=headers)).status_code == 200
+
+    unknown = auth.KEY_PREFIX + uuid.uuid4().hex
+    headers = {"Authorization": f"Bearer {unknown}"}
+    assert_problem(await anonymous.get("/resources", headers=headers), 401, "unauthorized")
+    await pool.execute(
+        "INSERT INTO ferry.api_keys (key_hash, tenant_id, prefix) VALUES ($1, $2, $3)",
+        auth.hash_key(unknown),
+        name,
+        unknown[:8],
     )
+    assert (await anonymous.get("/resources", headers=headers)).status_code == 200
 
 
 async def test_no_plaintext_key_is_stored(pool: asyncpg.Pool, tenant: Tenant) -> None:
