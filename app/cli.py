@@ -11,7 +11,7 @@ from app.config import get_settings
 
 DEMO_TENANT = "demo"
 
-_SEED_SQL = """
+DEMO_TABLE_SQL = """
 CREATE TABLE IF NOT EXISTS public.users (
     id          bigint PRIMARY KEY,
     tenant_id   text NOT NULL,
@@ -45,7 +45,7 @@ async def seed_demo(dsn: str, rows: int, tenant: str = DEMO_TENANT) -> None:
     """Create `public.users` and give tenant `demo` exactly `rows` rows (ids 1..rows)."""
     con = await asyncpg.connect(dsn)
     try:
-        await con.execute(_SEED_SQL)
+        await con.execute(DEMO_TABLE_SQL)
         async with con.transaction():
             await con.execute(
                 "INSERT INTO ferry.tenants (id) VALUES ($1) ON CONFLICT DO NOTHING", tenant

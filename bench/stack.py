@@ -85,6 +85,8 @@ class Stack:
         os.environ.update({k: v for k, v in self.env.items() if k.startswith(("FERRY_", "AWS_"))})
         self.settings = Settings()
         asyncio.run(db.migrate(self.config.dsn))
+        # The API refuses to start without the tables its resources name.
+        asyncio.run(_create_demo_table(self.config.dsn))
         asyncio.run(ensure_bucket(self.settings))
 
     def close(self) -> None:
@@ -156,10 +158,18 @@ class Stack:
         return await Storage.open(self.settings, stack)
 
 
+async def _create_demo_table(dsn: str) -> None:
+    con = await asyncpg.connect(dsn)
+    try:
+        await con.execute(cli.DEMO_TABLE_SQL)
+    finally:
+        await con.close()
+
+
 async def _seed(dsn: str, tenant: str, rows: int, first_id: int) -> None:
     con = await asyncpg.connect(dsn)
     try:
-        await con.execute(cli._SEED_SQL)
+        await con.execute(cli.DEMO_TABLE_SQL)
         last = first_id + rows - 1
         have = await con.fetchrow(
             "SELECT count(*) AS n, min(id) AS lo, max(id) AS hi FROM public.users"
