@@ -13,5 +13,9 @@ Environment:
   migrated on demand; the seeded rows are kept between runs.
 - `BENCH_REDIS_URL` (default redis://127.0.0.1:6379/10): flushed at start and end.
 - `BENCH_ONLY`: comma-separated subset of export,import,memory,api,ws.
-- `BENCH_PROFILE=1`: also record a py-spy flame graph of the worker during one export.
+- `BENCH_PROFILE=1`: also record py-spy flame graphs of the worker during one export and of the
+  API during submissions.
+- `BENCH_API_CLIENTS` (64), `BENCH_API_SECONDS` (8), `BENCH_API_RATE` (1000): the API load:
+  clients (each its own tenant, key and connection), seconds per run, and the offered rate of
+  the open-loop runs whose latency is reported.
 """

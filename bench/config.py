@@ -30,6 +30,7 @@ class Config:
     profile: bool
     api_seconds: float
     api_clients: int
+    api_rate: float
     ws_subscribers: int
     ws_samples: int
     memory_points: tuple[int, ...] = field(default=())
@@ -59,6 +60,7 @@ class Config:
             profile=os.environ.get("BENCH_PROFILE", "") not in ("", "0", "false"),
             api_seconds=float(os.environ.get("BENCH_API_SECONDS", "8")),
             api_clients=_int("BENCH_API_CLIENTS", 64),
+            api_rate=float(os.environ.get("BENCH_API_RATE", "1000")),
             ws_subscribers=_int("BENCH_WS_SUBSCRIBERS", 2000),
             ws_samples=_int("BENCH_WS_SAMPLES", 20),
             memory_points=tuple(sorted(points)),
