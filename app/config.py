@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     part_size_bytes: int = Field(8 * MiB, ge=5 * MiB)
     parts_in_flight: int = Field(4, ge=1)
     db_pool_max_size: int = Field(20, ge=2)
+    # How long the API remembers an API key's tenant; a revoked key works for at most this long.
+    auth_cache_seconds: float = Field(5, ge=0)
     shutdown_grace_seconds: float = Field(20, ge=0)
     # When set, a worker serves its Prometheus metrics (jobs, durations, rows, bytes) here.
     worker_metrics_port: int | None = Field(None, ge=1, le=65535)

@@ -42,24 +42,37 @@ def progress_frame(job_id: uuid.UUID, progress: dict[str, Any]) -> dict[str, Any
     return {"type": "progress", "job_id": str(job_id), "progress": progress}
 
 
+Message = tuple[str, str]  # (channel, payload), as PUBLISH takes them
+
+
+def message(tenant: str, job_id: uuid.UUID, seq: int, frames: list[dict[str, Any]]) -> Message:
+    payload = {"tenant": tenant, "job_id": str(job_id), "seq": seq, "frames": frames}
+    return channel(tenant, job_id), json.dumps(payload, default=str)
+
+
+def job_message(job: dict[str, Any], public_job: dict[str, Any]) -> Message:
+    """The event that announces `job`'s new state (`public_job` as the API shows it)."""
+    return message(job["tenant_id"], job["id"], job["seq"], frames_for(public_job))
+
+
+async def send(redis: Redis, event: Message) -> None:
+    """Best effort: a lost event is recovered by clients from the job's state."""
+    try:
+        async with asyncio.timeout(PUBLISH_TIMEOUT):
+            await redis.publish(*event)
+    except (RedisError, OSError, TimeoutError) as e:
+        log.warning("event_publish_failed", channel=event[0], error=str(e))
+
+
 async def publish(
     redis: Redis, tenant: str, job_id: uuid.UUID, seq: int, frames: list[dict[str, Any]]
 ) -> None:
-    """Best effort: a lost event is recovered by clients from the job's state."""
-    if not frames:
-        return
-    message = json.dumps(
-        {"tenant": tenant, "job_id": str(job_id), "seq": seq, "frames": frames}, default=str
-    )
-    try:
-        async with asyncio.timeout(PUBLISH_TIMEOUT):
-            await redis.publish(channel(tenant, job_id), message)
-    except (RedisError, OSError, TimeoutError) as e:
-        log.warning("event_publish_failed", job_id=str(job_id), error=str(e))
+    if frames:
+        await send(redis, message(tenant, job_id, seq, frames))
 
 
 async def publish_job(redis: Redis, job: dict[str, Any], public_job: dict[str, Any]) -> None:
-    await publish(redis, job["tenant_id"], job["id"], job["seq"], frames_for(public_job))
+    await send(redis, job_message(job, public_job))
 
 
 class Frame(dict[str, Any]):

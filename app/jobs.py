@@ -10,11 +10,9 @@ from typing import Any
 import asyncpg
 
 from app import events, jobstore, metrics, presenter, queue
-from app.errors import Conflict, TooManyRequests, Unavailable
+from app.backpressure import refuse_if_full
+from app.errors import Conflict
 from app.services import Services
-
-RETRY_AFTER_QUEUE_FULL = 30
-RETRY_AFTER_TENANT = 10
 
 
 @dataclass(frozen=True)
@@ -29,23 +27,14 @@ def request_hash(kind: str, params: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-async def check_capacity(con: jobstore.Connection, services: Services, tenant: str) -> None:
+async def check_capacity(services: Services, tenant: str) -> None:
+    """An early refusal (before an upload), with no lock held: `submit` checks again."""
     settings = services.settings
     load = await jobstore.load(
-        con, tenant, settings.max_queued_jobs, settings.max_active_jobs_per_tenant
+        services.pool, tenant, settings.max_queued_jobs, settings.max_active_jobs_per_tenant
     )
-    if load.queued >= services.settings.max_queued_jobs:
-        raise Unavailable(
-            "The queue is full; retry later.",
-            code="queue_full",
-            headers={"Retry-After": str(RETRY_AFTER_QUEUE_FULL)},
-        )
-    if load.tenant_active >= services.settings.max_active_jobs_per_tenant:
-        raise TooManyRequests(
-            f"This tenant already has {load.tenant_active} queued or running jobs.",
-            code="too_many_active_jobs",
-            headers={"Retry-After": str(RETRY_AFTER_TENANT)},
-        )
+    services.queue_depth.counted(load.queued)
+    refuse_if_full(load, settings.max_queued_jobs, settings.max_active_jobs_per_tenant)
 
 
 async def replay(
@@ -84,47 +73,55 @@ async def submit(
     if previous is not None:
         return previous
     status_code = 201 if awaiting_upload else 202
+    settings = services.settings
     try:
-        async with services.pool.acquire() as con, con.transaction():
-            # One submission per tenant at a time, so the tenant's limit is exact.
-            await jobstore.lock_tenant(con, tenant)
-            await check_capacity(con, services, tenant)
-            job = await jobstore.create(
-                con,
-                tenant=tenant,
-                kind=kind,
-                status="awaiting_upload" if awaiting_upload else "queued",
-                resource=resource,
-                params=params,
-                run_at=run_at,
-                upload_key=upload_key,
-                idempotency_key=idempotency_key,
-                request_hash=fingerprint if idempotency_key else None,
-                response_status=status_code,
-                job_id=job_id,
-            )
+        load, job = await jobstore.create_within_limits(
+            services.pool,
+            services.queue_depth.limit_to_count(),
+            settings.max_active_jobs_per_tenant,
+            tenant=tenant,
+            kind=kind,
+            status="awaiting_upload" if awaiting_upload else "queued",
+            resource=resource,
+            params=params,
+            run_at=run_at,
+            upload_key=upload_key,
+            idempotency_key=idempotency_key,
+            request_hash=fingerprint if idempotency_key else None,
+            response_status=status_code,
+            job_id=job_id,
+        )
     except asyncpg.UniqueViolationError:
         # Another request with the same Idempotency-Key won the race: answer as it did.
         previous = await replay(services, tenant, idempotency_key, fingerprint)
         if previous is None:
             raise
         return previous
-    metrics.JOBS_SUBMITTED.labels(kind).inc()
-    # Tenant streams (/ws/jobs) learn of the new job; a job's own stream starts from its snapshot.
-    await events.publish_job(services.redis, job, presenter.job_out(job))
+    services.queue_depth.counted(load.queued)
+    if job is None:
+        refuse_if_full(load, settings.max_queued_jobs, settings.max_active_jobs_per_tenant)
+        raise AssertionError("admission refused a job within the limits")
     if not awaiting_upload:
+        services.queue_depth.added()
+    metrics.JOBS_SUBMITTED.labels(kind).inc()
+    if awaiting_upload:
+        await events.publish_job(services.redis, job, presenter.job_out(job))
+    else:
         await dispatch(services, job)
     return Submitted(job, status_code)
 
 
 async def dispatch(services: Services, job: jobstore.Job) -> None:
-    """Send the queued job's delivery (its arq id is already on the row)."""
-    await queue.enqueue(services.redis, job["id"], job["queue_id"], job["run_at"])
+    """Announce the queued job and send its delivery (its arq id is already on the row), in one
+    round trip. Tenant streams (/ws/jobs) learn of the new job from the announcement; a job's
+    own stream starts from its snapshot."""
+    announce = events.job_message(job, presenter.job_out(job))
+    await queue.enqueue(services.redis, job["id"], job["queue_id"], job["run_at"], announce)
 
 
 async def start_upload(services: Services, tenant: str, job_id: uuid.UUID) -> jobstore.Job:
     job = await jobstore.start_upload(services.pool, job_id, tenant)
-    await events.publish_job(services.redis, job, presenter.job_out(job))
+    services.queue_depth.added()
     await dispatch(services, job)
     return job
 

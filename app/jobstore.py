@@ -34,8 +34,14 @@ def _job(row: asyncpg.Record | None) -> Job | None:
     return dict(row) if row is not None else None
 
 
-async def create(
-    con: Connection,
+_INSERT = """INSERT INTO ferry.jobs (id, tenant_id, kind, status, resource, params, run_at,
+        upload_key, idempotency_key, request_hash, response_status, queue_id,
+        idempotency_expires_at)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+        CASE WHEN $9::text IS NULL THEN NULL ELSE now() + interval '24 hours' END"""
+
+
+def _values(
     *,
     tenant: str,
     kind: str,
@@ -48,16 +54,10 @@ async def create(
     request_hash: str | None = None,
     response_status: int | None = None,
     job_id: uuid.UUID | None = None,
-) -> Job:
+) -> tuple[Any, ...]:
     job_id = job_id or uuid.uuid4()
     queue_id = queue.new_queue_id(job_id) if status == "queued" else None
-    row = await con.fetchrow(
-        f"""INSERT INTO ferry.jobs (id, tenant_id, kind, status, resource, params, run_at,
-                upload_key, idempotency_key, request_hash, response_status, queue_id,
-                idempotency_expires_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-                CASE WHEN $9::text IS NULL THEN NULL ELSE now() + interval '24 hours' END)
-            RETURNING {COLUMNS}""",
+    return (
         job_id,
         tenant,
         kind,
@@ -71,8 +71,43 @@ async def create(
         response_status,
         queue_id,
     )
+
+
+async def create(con: Connection, **fields: Any) -> Job:
+    """Insert a job as is, with no admission check (see `create_within_limits`)."""
+    row = await con.fetchrow(f"{_INSERT} RETURNING {COLUMNS}", *_values(**fields))
     assert row is not None
     return dict(row)
+
+
+@dataclass(frozen=True)
+class Load:
+    queued: int | None  # None: not counted
+    tenant_active: int
+
+
+async def create_within_limits(
+    con: Connection, max_queued: int | None, max_active: int, **fields: Any
+) -> tuple[Load, Job | None]:
+    """Insert the job if the queue (up to `max_queued`; None skips that count) and the tenant's
+    active jobs (up to `max_active`) are below their limits, in one statement and round trip:
+    `ferry.admission` serializes the tenant's submissions until it commits, so the tenant's
+    limit is exact under concurrency. Returns the counts, and the job if it was admitted."""
+    row = await con.fetchrow(
+        f"""WITH load AS (SELECT * FROM ferry.admission($2, $13, $14)),
+                job AS ({_INSERT} FROM load
+                    WHERE coalesce(load.queued < $13, true) AND load.tenant_active < $14
+                    RETURNING {COLUMNS})
+            SELECT load.queued AS load_queued, load.tenant_active AS load_tenant_active, job.*
+            FROM load LEFT JOIN job ON true""",
+        *_values(**fields),
+        max_queued,
+        max_active,
+    )
+    assert row is not None
+    job = dict(row)
+    load = Load(queued=job.pop("load_queued"), tenant_active=job.pop("load_tenant_active"))
+    return load, (job if job["id"] is not None else None)
 
 
 async def find_idempotent(con: Connection, tenant: str, key: str) -> Job | None:
@@ -210,34 +245,17 @@ async def counts(con: Connection) -> dict[tuple[str, str], int]:
     return {(r["kind"], r["status"]): int(r["n"]) for r in rows}
 
 
-@dataclass(frozen=True)
-class Load:
-    queued: int
-    tenant_active: int
-
-
-async def load(
-    con: Connection, tenant: str, max_queued: int | None = None, max_active: int | None = None
-) -> Load:
-    """Queued jobs (all tenants) and the tenant's active jobs, each counted up to its limit
-    only: a submission's cost stays bounded however long the queue grows."""
+async def load(con: Connection, tenant: str, max_queued: int | None, max_active: int) -> Load:
+    """Queued jobs (all tenants; None skips that count) and the tenant's active jobs, each
+    counted up to its limit only: a submission's cost stays bounded however long the queue."""
     row = await con.fetchrow(
-        """SELECT (SELECT count(*) FROM (SELECT 1 FROM ferry.jobs
-                   WHERE status = 'queued' LIMIT $2) q) AS queued,
-                  (SELECT count(*) FROM (SELECT 1 FROM ferry.jobs
-                   WHERE status IN ('queued', 'running') AND tenant_id = $1 LIMIT $3) t)
-                   AS tenant_active""",
+        "SELECT queued, tenant_active FROM ferry.admission($1, $2, $3)",
         tenant,
         max_queued,
         max_active,
     )
     assert row is not None
     return Load(queued=row["queued"], tenant_active=row["tenant_active"])
-
-
-async def lock_tenant(con: Connection, tenant: str) -> None:
-    """Serialize submissions of one tenant until the transaction ends."""
-    await con.execute("SELECT pg_advisory_xact_lock(hashtext('ferry.submit:' || $1))", tenant)
 
 
 async def new_delivery(con: Connection, job_id: uuid.UUID) -> str:

@@ -6,6 +6,7 @@ import re
 import sys
 from typing import Any
 
+import orjson
 import structlog
 
 _SECRET = re.compile(r"((?:[?&]token=)|(?:Bearer\s+)|(?:X-Amz-Signature=))[^&\s\"']+", re.I)
@@ -34,7 +35,18 @@ class ScrubFilter(logging.Filter):
         return True
 
 
+def _to_str(_: Any, __: str, line: Any) -> str:
+    return line.decode() if isinstance(line, bytes) else line
+
+
+def _to_bytes(_: Any, __: str, line: Any) -> bytes:
+    return line.encode() if isinstance(line, str) else line
+
+
 def configure(level: str = "INFO", json: bool | None = None) -> None:
+    """Ferry's own events go straight from structlog to stderr (no `logging` record, handler or
+    formatter on the way: the access line is written on every request); other libraries' stdlib
+    records are rendered the same way through `logging`."""
     if json is None:
         json = not sys.stderr.isatty()
     shared: list[Any] = [
@@ -44,11 +56,15 @@ def configure(level: str = "INFO", json: bool | None = None) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _scrub_event,
     ]
-    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    renderer: Any = (
+        structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        if json
+        else structlog.dev.ConsoleRenderer()
+    )
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, structlog.processors.format_exc_info, renderer, _to_bytes],
+        logger_factory=structlog.BytesLoggerFactory(sys.stderr.buffer),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
@@ -57,6 +73,7 @@ def configure(level: str = "INFO", json: bool | None = None) -> None:
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
             renderer,
+            _to_str,
         ],
     )
     handler = logging.StreamHandler()

@@ -37,12 +37,18 @@ def new_queue_id(job_id: uuid.UUID) -> str:
 
 
 async def enqueue(
-    redis: ArqRedis, job_id: uuid.UUID, queue_id: str, run_at: datetime | None = None
+    redis: ArqRedis,
+    job_id: uuid.UUID,
+    queue_id: str,
+    run_at: datetime | None = None,
+    announce: tuple[str, str] | None = None,
 ) -> bool:
-    """Queue the job under `queue_id` (already recorded on the job row). False when Redis is
+    """Queue the job under `queue_id` (already recorded on the job row), after publishing the
+    `announce` event (channel, payload) in the same round trip. False when Redis is
     unreachable: the job is safe in PostgreSQL and the reconciler will queue it later."""
     try:
-        await asyncio.wait_for(_enqueue(redis, queue_id, job_id, run_at), ENQUEUE_TIMEOUT)
+        async with asyncio.timeout(ENQUEUE_TIMEOUT):
+            await _enqueue(redis, queue_id, job_id, run_at, announce)
     except (RedisError, OSError, TimeoutError) as e:
         log.warning("enqueue_failed", job_id=str(job_id), error=str(e))
         return False
@@ -50,7 +56,11 @@ async def enqueue(
 
 
 async def _enqueue(
-    redis: ArqRedis, queue_id: str, job_id: uuid.UUID, run_at: datetime | None
+    redis: ArqRedis,
+    queue_id: str,
+    job_id: uuid.UUID,
+    run_at: datetime | None,
+    announce: tuple[str, str] | None = None,
 ) -> None:
     """What `ArqRedis.enqueue_job` writes, in one round trip instead of three: its WATCH and
     EXISTS guard against a reused arq id, and every queue id here is fresh."""
@@ -58,6 +68,8 @@ async def _enqueue(
     score = max(to_unix_ms(run_at), now) if run_at is not None else now
     job = serialize_job(RUN_JOB, (str(job_id),), {}, None, now, serializer=redis.job_serializer)
     async with redis.pipeline(transaction=True) as pipe:
+        if announce is not None:
+            pipe.publish(*announce)
         pipe.psetex(job_key_prefix + queue_id, score - now + redis.expires_extra_ms, job)
         pipe.zadd(redis.default_queue_name, {queue_id: score})
         await pipe.execute()

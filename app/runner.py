@@ -232,8 +232,8 @@ async def _hand_back(run: JobRun, delay: float) -> None:
         metrics.JOBS_FINISHED.labels(job["kind"], "cancelled").inc()
         await _announce(services, job)
         return
-    await events.publish_job(services.redis, job, presenter.job_out(job))
-    await queue.enqueue(services.redis, run.id, job["queue_id"], run_at)
+    announce = events.job_message(job, presenter.job_out(job))
+    await queue.enqueue(services.redis, run.id, job["queue_id"], run_at, announce)
 
 
 async def _heartbeat(run: JobRun, work: asyncio.Task[Any]) -> None:

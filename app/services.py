@@ -9,6 +9,8 @@ from arq import create_pool as create_arq_pool
 from arq.connections import ArqRedis
 
 from app import db, resources
+from app.auth import KeyLookup
+from app.backpressure import QueueDepth
 from app.config import Settings
 from app.storage import Storage
 
@@ -20,6 +22,8 @@ class Services:
     redis: ArqRedis
     storage: Storage
     resources: resources.Registry
+    queue_depth: QueueDepth
+    keys: KeyLookup
 
 
 @asynccontextmanager
@@ -36,4 +40,12 @@ async def open_services(
         redis = await create_arq_pool(redis_settings(settings.redis_url))
         stack.push_async_callback(redis.aclose)
         storage = await Storage.open(settings, stack)
-        yield Services(settings, pool, redis, storage, registry)
+        yield Services(
+            settings,
+            pool,
+            redis,
+            storage,
+            registry,
+            QueueDepth(settings.max_queued_jobs),
+            KeyLookup(pool, settings.auth_cache_seconds),
+        )

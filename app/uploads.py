@@ -196,7 +196,7 @@ async def create_multipart(
     idempotency_key: str | None,
 ) -> jobs.Submitted:
     """POST /imports (multipart): upload, then commit the queued job; no job on any refusal."""
-    await jobs.check_capacity(services.pool, services, tenant)  # early refusal, before the upload
+    await jobs.check_capacity(services, tenant)  # early refusal, before the upload
     job_id = uuid.uuid4()
     key = upload_key(tenant, job_id)
     fields = await receive_multipart(services, stream, content_type, key)

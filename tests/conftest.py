@@ -105,6 +105,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "FERRY_HEARTBEAT_INTERVAL_SECONDS": "0.5",
             "FERRY_PROGRESS_INTERVAL_SECONDS": "0.25",
             "FERRY_SHUTDOWN_GRACE_SECONDS": "5",
+            "FERRY_AUTH_CACHE_SECONDS": "1",
             "FERRY_LOG_JSON": "true",
         }
         os.environ.update({k: v for k, v in env.items() if k.startswith(("FERRY_", "AWS_"))})

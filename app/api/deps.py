@@ -28,7 +28,7 @@ async def current_tenant(
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
     key = auth.bearer_token(request.headers.get("authorization"))
-    tenant = await auth.tenant_for_key(services.pool, key) if key else None
+    tenant = await services.keys.tenant(key) if key else None
     if tenant is None:
         raise Unauthorized(
             "A valid API key is required: `Authorization: Bearer <key>`.",

@@ -43,7 +43,7 @@ async def _tenant(ws: WebSocket, services: Services) -> str | None:
     key = auth.bearer_token(ws.headers.get("authorization")) or ws.query_params.get("token")
     if not key:
         return None
-    return await auth.tenant_for_key(services.pool, key)
+    return await services.keys.tenant(key)
 
 
 async def _send(ws: WebSocket, frames: list[live.Frame]) -> None:
