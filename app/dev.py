@@ -40,11 +40,11 @@ def wait_for_port(host: str, port: int, timeout: float = 20.0) -> None:
             time.sleep(0.1)
 
 
-def api_command(port: int, access_log: bool = True) -> list[str]:
-    """The API process on loopback, as `ferry dev`, the tests and the benchmarks run it."""
+def api_command(port: int) -> list[str]:
+    """The API process on loopback, as `ferry dev`, the tests and the benchmarks run it. (The
+    access lines are Ferry's own, from app.middleware.)"""
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1"]
-    command += ["--port", str(port)]
-    return command if access_log else [*command, "--no-access-log"]
+    return [*command, "--port", str(port), "--no-access-log"]
 
 
 def worker_command() -> list[str]:
@@ -171,7 +171,7 @@ def run(settings: Settings) -> int:
             f'  curl -H "Authorization: Bearer {key}" http://127.0.0.1:8000/resources\n',
             flush=True,
         )
-        children.append(_spawn("api", api_command(8000, access_log=False), env))
+        children.append(_spawn("api", api_command(8000), env))
         children.append(_spawn("worker", worker_command(), env))
         while all(c.poll() is None for c in children):
             time.sleep(0.5)

@@ -82,10 +82,16 @@ def configure(level: str = "INFO", json: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "arq"):
+    for name in ("uvicorn", "uvicorn.error", "arq"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
         logger.addFilter(ScrubFilter())
+    # app.middleware writes one access line per request, with its request id, tenant and time;
+    # uvicorn's own line would be a second one (uvicorn skips it when this logger has nowhere
+    # to go).
+    access = logging.getLogger("uvicorn.access")
+    access.handlers[:] = []
+    access.propagate = False
     for noisy in ("botocore", "aiobotocore", "boto3", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

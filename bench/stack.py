@@ -103,7 +103,7 @@ class Stack:
     def start_api(self, **env: str) -> tuple[subprocess.Popen[bytes], str]:
         port = free_port()
         process = subprocess.Popen(
-            api_command(port, access_log=False),
+            api_command(port),
             env={**self.env, **env},
             stdout=self._log(f"api-{port}"),
             stderr=subprocess.STDOUT,
