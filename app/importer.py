@@ -5,9 +5,12 @@ Read top to bottom:
    status commit together, only while this attempt holds the job's lease (`run.finish` raises
    LeaseLost otherwise and everything rolls back). A killed worker leaves nothing behind.
 2. The header is read first and checked against the resource (file-level failures).
-3. Fast path: the file streams through COPY - PostgreSQL's own CSV parser - into a typed TEMP
-   staging table, inside a savepoint; then set-based checks (NULLs, keys repeated in the file,
-   keys already taken). Any COPY data error or check hit rolls the savepoint back.
+3. Fast path, inside a savepoint: the file streams through COPY - PostgreSQL's own CSV parser.
+   `insert` and `replace` COPY straight into the target table (the tenant's value prepended to
+   every record), and the table's own types and constraints judge every row. `upsert` and
+   `dry_run` COPY into a typed TEMP staging table, then run set-based checks (NULLs, keys
+   repeated in the file, keys already taken). Any COPY error or check hit rolls the savepoint
+   back.
 4. Validating path: the file is read again; records are split and checked in Python (PostgreSQL
    decides the rare value Python cannot), bad rows go to a TEMP errors table with their line,
    good ones are staged; the same set-based checks then record their errors by line.
@@ -220,6 +223,20 @@ async def fast_load(
     con: asyncpg.Connection, run: JobRun, plan: Plan, text: AsyncIterator[str], counter: Counter
 ) -> int:
     """COPY the text straight into the typed staging table. Raises asyncpg.DataError."""
+    return await copy_text(con, run, plan, text, counter, STAGE, plan.names)
+
+
+async def copy_text(
+    con: asyncpg.Connection,
+    run: JobRun,
+    plan: Plan,
+    text: AsyncIterator[str],
+    counter: Counter,
+    table: str,
+    columns: list[str],
+    schema_name: str | None = None,
+) -> int:
+    """COPY the CSV text (its header first) into `table`, reporting progress; returns rows."""
     rows = RowCounter(header=True)
     end_marker = False
 
@@ -233,9 +250,10 @@ async def fast_load(
             await run.report(rows.rows, counter.bytes)
 
     status = await con.copy_to_table(
-        STAGE,
+        table,
         source=source(),
-        columns=plan.names,
+        columns=columns,
+        schema_name=schema_name,
         format="csv",
         header=True,
         delimiter=plan.params.delimiter,
@@ -243,6 +261,61 @@ async def fast_load(
     if end_marker:  # COPY stops at a `\.` line: let the validating path read every line
         raise _Fallback
     return int(status.split()[-1])
+
+
+def csv_field(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"'
+
+
+class TenantPrefix:
+    """Prepends the tenant's value to every CSV record of a text stream, so that COPY can write
+    the tenant column straight into the target table (COPY has no way to set a constant).
+
+    Records end at newlines outside double quotes (RFC 4180 escapes a quote by doubling it, so
+    the parity of quotes seen tells which side a newline is on). The work is `str.split` and
+    `str.replace` per chunk, never a loop over characters in Python."""
+
+    def __init__(self, value: str, delimiter: str) -> None:
+        self.prefix = csv_field(value) + delimiter
+        self._in_quotes = False
+        self._at_record_start = True
+
+    def feed(self, chunk: str) -> str:
+        if not chunk:
+            return chunk
+        segments = chunk.split('"')
+        for i in range(1 if self._in_quotes else 0, len(segments), 2):
+            segments[i] = segments[i].replace("\n", "\n" + self.prefix)
+        text = '"'.join(segments)
+        if len(segments) % 2 == 0:
+            self._in_quotes = not self._in_quotes
+        if self._at_record_start:
+            text = self.prefix + text
+        # A chunk that ends a record leaves the next record's prefix to the next chunk: after
+        # the file's last newline there is no record to prefix.
+        self._at_record_start = not self._in_quotes and chunk.endswith("\n")
+        if self._at_record_start:
+            text = text[: -len(self.prefix)]
+        return text
+
+
+async def direct_load(
+    con: asyncpg.Connection, run: JobRun, plan: Plan, text: AsyncIterator[str], counter: Counter
+) -> int:
+    """`insert` and `replace`: COPY straight into the target table, as `psql \\copy` would.
+    Raises asyncpg.DataError or IntegrityConstraintViolationError for any bad row."""
+    resource, tenant = plan.resource, plan.resource.tenant_column
+    columns = plan.names
+    if tenant is not None:
+        prefix = TenantPrefix(plan.tenant, plan.params.delimiter)
+        text = (prefix.feed(chunk) async for chunk in text)
+        columns = [tenant.name, *columns]
+    if plan.params.mode == "replace":
+        where = f" WHERE {tenant.sql} = $1" if tenant is not None else ""
+        await con.execute(f"DELETE FROM {resource.sql}{where}", *([plan.tenant] if tenant else []))
+    return await copy_text(
+        con, run, plan, text, counter, resource.table, columns, schema_name=resource.schema
+    )
 
 
 async def fast_problems(con: asyncpg.Connection, plan: Plan) -> bool:
@@ -544,9 +617,11 @@ async def upload_report(con: asyncpg.Connection, run: JobRun) -> str:
     return key
 
 
-async def write(con: asyncpg.Connection, plan: Plan, fast: bool = False) -> None:
-    """Move the staged rows into the target table, in the import's mode. On the fast path a
-    broken constraint means "find the bad rows" (_Fallback), not a failed job."""
+async def write(con: asyncpg.Connection, plan: Plan, fast: bool = False) -> tuple[int, int]:
+    """Move the staged rows into the target table, in the import's mode; returns (inserted,
+    updated), counted by the write itself (a row a conflict updated has a non-zero xmax). On
+    the fast path a broken constraint, or a key twice in the file, means "find the bad rows"
+    (_Fallback), not a failed job."""
     resource = plan.resource
     tenant = resource.tenant_column
     targets = [c.sql for c in plan.columns]
@@ -575,15 +650,20 @@ async def write(con: asyncpg.Connection, plan: Plan, fast: bool = False) -> None
             sql += f" ON CONFLICT ({conflict}) DO UPDATE SET {sets}{mine}"
         else:
             sql += f" ON CONFLICT ({conflict}) DO NOTHING"
+    sql = f"""WITH written AS ({sql} RETURNING (t.xmax = 0) AS inserted)
+              SELECT count(*) FILTER (WHERE inserted) AS inserted,
+                     count(*) FILTER (WHERE NOT inserted) AS updated
+              FROM written"""
     try:
-        await con.execute(sql, *args)
-    except asyncpg.IntegrityConstraintViolationError as e:
+        counts = await con.fetchrow(sql, *args)
+    except (asyncpg.IntegrityConstraintViolationError, asyncpg.CardinalityViolationError) as e:
         if fast:
             raise _Fallback(str(e)) from None
         detail = f" ({e.detail})" if getattr(e, "detail", None) else ""
         raise JobFailure(
             "constraint_violation", f"A row breaks a table constraint: {e}{detail}"
         ) from None
+    return counts["inserted"], counts["updated"]
 
 
 # --- The job ---------------------------------------------------------------------------------
@@ -602,10 +682,10 @@ async def run(run: JobRun) -> Job:
             # A header and no rows is an empty file, not "replace with nothing": that would
             # silently delete every row of the tenant. The transaction rolls back.
             raise JobFailure("empty_file", "The file has a header but no data rows.")
-        if written:  # the fast path already wrote every row: no row was bad
-            inserted, updated, failed = total, 0, 0
+        if written is not None:  # the fast path already wrote every row: no row was bad
+            (inserted, updated), failed = written, 0
         else:
-            inserted, updated = await count_written(con, plan)
+            inserted, updated = 0, 0
             failed = await con.fetchval(f"SELECT count(DISTINCT line) FROM {ERRORS}")
         result: dict[str, Any] = {
             "rows_total": total,
@@ -619,15 +699,17 @@ async def run(run: JobRun) -> Job:
             result["errors"] = await first_errors(con)
             result["error_report_key"] = await upload_report(con, run)
         failure = _failure(params, failed, total)
-        if failure is not None:
-            result.update(rows_inserted=0, rows_updated=0)  # what the real run writes: nothing
-            if not params.dry_run:
-                raise JobFailure(*failure, result=result)
+        if failure is not None and not params.dry_run:
+            raise JobFailure(*failure, result=result)  # nothing was written
         try:
-            if not params.dry_run and not written:
+            if failure is None and written is None:
                 started = time.monotonic()
-                await write(con, plan)
-                log.info("import_written", mode=params.mode, seconds=_since(started))
+                if params.dry_run:
+                    counts = await count_written(con, plan)
+                else:
+                    counts = await write(con, plan)
+                    log.info("import_written", mode=params.mode, seconds=_since(started))
+                result["rows_inserted"], result["rows_updated"] = counts
             return await run.finish(
                 con,
                 "succeeded",
@@ -653,19 +735,43 @@ def _failure(params: ImportParams, failed: int, total: int) -> tuple[str, str] |
     return None
 
 
+async def _fast_path(
+    con: asyncpg.Connection, run: JobRun, plan: Plan, text: AsyncIterator[str], counter: Counter
+) -> tuple[int, tuple[int, int] | None]:
+    """COPY, and write unless dry_run: the record count, and (inserted, updated) or None when
+    nothing is written.
+    Raises _Fallback (or a COPY error) when any row is bad; the caller's savepoint undoes all.
+
+    The write lets the table's own constraints (unique key, NOT NULL, CHECK) and ON CONFLICT
+    (a key twice in the file) judge the rows; an upsert that wrote fewer rows than it staged
+    met keys that another tenant holds. A dry run runs those checks as queries instead."""
+    params = plan.params
+    if params.dry_run:
+        await create_tables(con, plan)
+        staged = await fast_load(con, run, plan, text, counter)
+        if await fast_problems(con, plan):
+            raise _Fallback
+        return staged, None
+    if params.mode != "upsert":
+        copied = await direct_load(con, run, plan, text, counter)
+        return copied, (copied, 0)
+    await create_tables(con, plan)
+    staged = await fast_load(con, run, plan, text, counter)
+    counts = await write(con, plan, fast=True)
+    if sum(counts) != staged:
+        raise _Fallback("a key in the file belongs to another tenant")
+    return staged, counts
+
+
 async def _stage(
     con: asyncpg.Connection,
     run: JobRun,
     resource: Resource,
     params: ImportParams,
     counter: Counter,
-) -> tuple[Plan, int, bool]:
+) -> tuple[Plan, int, tuple[int, int] | None]:
     """Read the file into the staging table, fast path first. Returns the plan, the record
-    count, and whether the rows are already written.
-
-    On the fast path, `insert` and `replace` write at once and let the table's own constraints
-    (unique key, NOT NULL, CHECK) say whether any row is bad; `upsert` and `dry_run` run the
-    checks a write cannot (another tenant's key, the update count) as queries instead."""
+    count, and (inserted, updated) when the fast path already wrote the rows."""
     async with open_text(run, params, counter) as text:
         line, header, text = await read_header(text, params.delimiter)
         plan = make_plan(resource, params, run.tenant, csvio.split(header, params.delimiter))
@@ -675,24 +781,10 @@ async def _stage(
             started = time.monotonic()
             try:
                 async with con.transaction():  # a savepoint: a failed fast path leaves nothing
-                    await create_tables(con, plan)
-                    total = await fast_load(con, run, plan, text, counter)
-                    copied = _since(started)
-                    write_now = params.mode != "upsert" and not params.dry_run
-                    if write_now:
-                        await write(con, plan, fast=True)
-                    elif await fast_problems(con, plan):
-                        raise _Fallback
-                    log.info(
-                        "import_staged",
-                        path="copy",
-                        rows=total,
-                        written=write_now,
-                        seconds=_since(started),
-                        copy_seconds=copied,
-                    )
-                    return plan, total, write_now
-            except (_Fallback, asyncpg.DataError) as e:
+                    total, counts = await _fast_path(con, run, plan, text, counter)
+                    log.info("import_staged", path="copy", rows=total, seconds=_since(started))
+                    return plan, total, counts
+            except (_Fallback, asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as e:
                 reason = str(e) or type(e).__name__
                 where = getattr(e, "context", None)  # "COPY ..., line 3, column qty: ..."
                 log.info(
@@ -708,7 +800,7 @@ async def _stage(
         total = await validating_load(con, run, plan, text, counter)
         await record_row_errors(con, plan)
     log.info("import_staged", path="validating", rows=total, seconds=_since(started))
-    return plan, total, False
+    return plan, total, None
 
 
 def _since(started: float) -> float:
