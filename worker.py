@@ -7,6 +7,7 @@ import uuid
 from typing import Any, ClassVar
 
 import prometheus_client
+import uvloop
 
 from app import export, importer, logs, reconciler, runner
 from app.config import get_settings
@@ -14,6 +15,11 @@ from app.queue import RUN_JOB, redis_settings
 from app.services import open_services
 
 settings = get_settings()
+
+# arq creates its event loop after importing these settings: make it uvloop's, as uvicorn does for
+# the API. A job's every chunk crosses the loop (COPY -> S3 part uploads), so its cost is the
+# worker's.
+asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 HANDLERS: dict[str, runner.Handler] = {"export": export.run, "import": importer.run}
 
