@@ -7,12 +7,12 @@ task, and hands events to bounded per-socket queues: a slow socket is dropped, n
 
 import asyncio
 import contextlib
-import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -22,6 +22,10 @@ log = structlog.get_logger(__name__)
 PATTERN = "ferry:events:*"
 QUEUE_SIZE = 256
 PUBLISH_TIMEOUT = 1.0  # an unreachable Redis must not hold up a submission or a job's COPY
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
 
 
 def channel(tenant: str, job_id: uuid.UUID | str) -> str:
@@ -47,7 +51,7 @@ Message = tuple[str, str]  # (channel, payload), as PUBLISH takes them
 
 def message(tenant: str, job_id: uuid.UUID, seq: int, frames: list[dict[str, Any]]) -> Message:
     payload = {"tenant": tenant, "job_id": str(job_id), "seq": seq, "frames": frames}
-    return channel(tenant, job_id), json.dumps(payload, default=str)
+    return channel(tenant, job_id), _json(payload)
 
 
 def job_message(job: dict[str, Any], public_job: dict[str, Any]) -> Message:
@@ -83,12 +87,12 @@ class Frame(dict[str, Any]):
     @property
     def text(self) -> str:
         if self._text is None:
-            self._text = json.dumps(self, default=str)
+            self._text = _json(self)
         return self._text
 
 
 def encode(frame: dict[str, Any]) -> str:
-    return frame.text if isinstance(frame, Frame) else json.dumps(frame, default=str)
+    return frame.text if isinstance(frame, Frame) else _json(frame)
 
 
 RESYNC: dict[str, Any] = {"resync": True}  # events may have been lost: re-read PostgreSQL
@@ -222,7 +226,7 @@ class Hub:
 
     def _dispatch_raw(self, data: bytes | str) -> None:
         try:
-            event = json.loads(data)
+            event = orjson.loads(data)
         except ValueError:
             log.warning("event_malformed")
             return

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+import orjson
 from fastapi.responses import JSONResponse
 
 from app import presenter
@@ -21,6 +22,13 @@ LOCATION = {
 }
 
 
+class JobResponse(JSONResponse):
+    """A job as JSON, encoded by orjson: the answer to every submission, so its cost counts."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
 async def job_response(
     services: Services, job: dict[str, Any], status_code: int = 200, **extra: Any
 ) -> JSONResponse:
@@ -29,7 +37,7 @@ async def job_response(
     headers = {}
     if status_code in (201, 202):
         headers["Location"] = body["links"]["self"]
-    return JSONResponse(body, status_code=status_code, headers=headers)
+    return JobResponse(body, status_code=status_code, headers=headers)
 
 
 async def submitted_response(
