@@ -7,6 +7,7 @@ against another run's queue.
 """
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ import asyncpg
 import redis
 
 from bench.measure import Figure, alternate, median, percentile
-from bench.stack import Stack, log, stop
+from bench.stack import Stack, cpu_seconds, log, postgres_pids, stop
 
 API_TENANT_PREFIX = "bench-api-"
 BODY = {"resource": "users", "run_at": "2100-01-01T00:00:00Z"}
@@ -93,12 +94,23 @@ def bench_api(stack: Stack, figures: list[Any], commands: dict[str, str]) -> Non
     process, url = stack.start_api(**LIMITS)
     latencies: dict[str, list[list[float]]] = {}
     errors: dict[int, int] = {}
+    # CPU microseconds per submission, per run: where the two cores go.
+    cpu: dict[str, list[float]] = {"API process": [], "PostgreSQL": [], "load generator": []}
 
     def side(name: str, method: str, path: str, rate: float | None) -> Callable[[], float]:
         def run() -> float:
+            groups = {
+                "API process": [process.pid],
+                "PostgreSQL": postgres_pids(),
+                "load generator": [os.getpid()],
+            }
+            before = {k: cpu_seconds(v) for k, v in groups.items()}
             achieved, samples, statuses = asyncio.run(
                 _load(url, keys, method, path, config.api_seconds, rate)
             )
+            if name == "submit":
+                for k, v in groups.items():
+                    cpu[k].append((cpu_seconds(v) - before[k]) * 1e6 / max(1, len(samples)))
             latencies.setdefault(name, []).append(samples)
             if method == "POST":
                 for status, n in statuses.items():
@@ -147,7 +159,8 @@ def bench_api(stack: Stack, figures: list[Any], commands: dict[str, str]) -> Non
             note=(
                 f"closed loop, {n} tenants with one key and connection each; non-202:"
                 f" {errors or 'none'}; latency at this saturation (the queue of {n} requests):"
-                f" p50 {ms('submit', 50):.0f} ms, p99 {ms('submit', 99):.0f} ms"
+                f" p50 {ms('submit', 50):.0f} ms, p99 {ms('submit', 99):.0f} ms; CPU per"
+                " submission: " + ", ".join(f"{k} {median(v):.0f} us" for k, v in cpu.items())
             ),
             runs={k: v for k, v in runs.items() if k in ("submit", "healthz")},
         )

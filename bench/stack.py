@@ -48,6 +48,28 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return values["VmRSS"], values["VmHWM"]
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time of processes, in seconds (a process gone counts nothing)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_pids() -> list[int]:
+    """Every PostgreSQL server process on this machine (the bench's server is on loopback)."""
+    pids = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with suppress(OSError):
+            if comm.read_text().strip() == "postgres":
+                pids.append(int(comm.parent.name))
+    return pids
+
+
 @dataclass
 class Stack:
     config: Config
