@@ -1,11 +1,11 @@
 """PostgreSQL: the connection pool and the migrations that `ferry migrate` applies."""
 
-import json
 from importlib import resources as package_files
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import orjson
 import structlog
 
 log = structlog.get_logger(__name__)
@@ -13,9 +13,14 @@ log = structlog.get_logger(__name__)
 MIGRATIONS_LOCK = 0x46455252  # "FERR": one migrating process at a time
 
 
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
 async def _init_connection(con: asyncpg.Connection) -> None:
-    await con.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
-    await con.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    # orjson: every job row carries four jsonb columns, read and written on every submission.
+    for name in ("jsonb", "json"):
+        await con.set_type_codec(name, encoder=_json, decoder=orjson.loads, schema="pg_catalog")
 
 
 async def _keep_session(con: asyncpg.Connection) -> None:
