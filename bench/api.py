@@ -78,8 +78,10 @@ async def _clean(dsn: str, redis_url: str) -> int:
         deleted = await con.execute(
             "DELETE FROM ferry.jobs WHERE tenant_id LIKE $1", API_TENANT_PREFIX + "%"
         )
-        # Leave no dead index entries behind for the next run to step over.
+        # Leave no dead index entries behind for the next run to step over, and no checkpoint
+        # still writing out the figures before (an import writes GBs of WAL) during the next.
         await con.execute("VACUUM ANALYZE ferry.jobs")
+        await con.execute("CHECKPOINT")
     finally:
         await con.close()
     # The worker is stopped and nothing else is queued: drop the deferred arq messages.
