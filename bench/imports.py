@@ -189,6 +189,11 @@ def bench_import(stack: Stack, figures: list[Any], commands: dict[str, str]) -> 
                 return timed_shell(reference, env=aws_env)
 
             sides = {"ferry": ferry, "reference": ref} if available else {"reference": ref}
+            # One unmeasured run of each side first: the first run of each paid for cold
+            # caches (worker code paths, PostgreSQL's plans and buffers), not for its method.
+            log(f"{mode} warm-up: {', '.join(sides)}")
+            for warm_up in sides.values():
+                warm_up()
             runs = alternate(sides, config.repeat, label=mode)
             figures.append(
                 Figure(
