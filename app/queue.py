@@ -1,8 +1,10 @@
 """The arq transport. A message carries the job id alone; PostgreSQL holds everything else."""
 
 import asyncio
+import hashlib
 import uuid
 from datetime import datetime
+from typing import Any
 
 import structlog
 from arq.connections import ArqRedis, RedisSettings
@@ -12,7 +14,7 @@ from arq.utils import timestamp_ms, to_unix_ms
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = structlog.get_logger(__name__)
@@ -64,6 +66,7 @@ if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 redis.call('PSETEX', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[6])
 """
+_ENQUEUE_SHA = hashlib.sha1(_ENQUEUE_LUA.encode()).hexdigest()
 
 
 async def _enqueue(
@@ -77,10 +80,20 @@ async def _enqueue(
     score = max(to_unix_ms(run_at), now) if run_at is not None else now
     job = serialize_job(RUN_JOB, (str(job_id),), {}, None, now, serializer=redis.job_serializer)
     channel, payload = announce or ("", "")
-    await redis.register_script(_ENQUEUE_LUA)(
-        keys=[job_key_prefix + queue_id, redis.default_queue_name],
-        args=[score - now + redis.expires_extra_ms, job, score, channel, payload, queue_id],
+    keys_and_args: tuple[Any, ...] = (
+        job_key_prefix + queue_id,
+        redis.default_queue_name,
+        score - now + redis.expires_extra_ms,
+        job,
+        score,
+        channel,
+        payload,
+        queue_id,
     )
+    try:
+        await redis.execute_command("EVALSHA", _ENQUEUE_SHA, 2, *keys_and_args)  # type: ignore[no-untyped-call]
+    except NoScriptError:  # a Redis that has not seen the script yet (or was restarted)
+        await redis.execute_command("EVAL", _ENQUEUE_LUA, 2, *keys_and_args)  # type: ignore[no-untyped-call]
 
 
 async def is_queued(redis: ArqRedis, queue_id: str) -> bool:

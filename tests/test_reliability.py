@@ -165,6 +165,19 @@ async def test_flushed_redis_loses_no_job(
         assert job["status"] == "succeeded" and job["attempts"] == 1
 
 
+async def test_a_redis_that_forgot_the_enqueue_script_still_queues_jobs(
+    client: httpx.AsyncClient, stack: Stack, workers: list[subprocess.Popen[bytes]]
+) -> None:
+    """Submissions run a cached Lua script (EVALSHA); a Redis restarted without it answers
+    NOSCRIPT, and the submission sends the script itself."""
+    workers.append(stack.start_worker())
+    redis_sync.Redis.from_url(stack.env["FERRY_REDIS_URL"]).script_flush()
+    response = await client.post("/exports", json={"resource": "users"})
+    assert response.status_code == 202, response.text
+    job = await wait_for_job(client, response.json()["id"], deadline_s=60)
+    assert job["status"] == "succeeded" and job["attempts"] == 1
+
+
 async def test_redis_outage_keeps_accepting_and_completes_everything(
     stack: Stack, tenant: Tenant, workers: list[subprocess.Popen[bytes]], tmp_path: Any
 ) -> None:
