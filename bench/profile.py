@@ -46,7 +46,9 @@ def recording(pid: int, name: str) -> Iterator[None]:
                 str(pid),
                 "--rate",
                 "250",
-                "--nonblocking",
+                # Blocking: py-spy pauses the process for each sample, so every stack is whole
+                # (non-blocking samples come out truncated under load). Profiles are separate
+                # runs from the measured ones.
                 "--output",
                 str(out),
                 "--format",
