@@ -311,8 +311,7 @@ async def direct_load(
         text = (prefix.feed(chunk) async for chunk in text)
         columns = [tenant.name, *columns]
     if plan.params.mode == "replace":
-        where = f" WHERE {tenant.sql} = $1" if tenant is not None else ""
-        await con.execute(f"DELETE FROM {resource.sql}{where}", *([plan.tenant] if tenant else []))
+        await delete_tenant_rows(con, plan)
     return await copy_text(
         con, run, plan, text, counter, resource.table, columns, schema_name=resource.schema
     )
@@ -617,6 +616,15 @@ async def upload_report(con: asyncpg.Connection, run: JobRun) -> str:
     return key
 
 
+async def delete_tenant_rows(con: asyncpg.Connection, plan: Plan) -> None:
+    """`replace`: the tenant's rows go first (all rows of a table with no tenant column)."""
+    tenant = plan.resource.tenant_column
+    if tenant is None:
+        await con.execute(f"DELETE FROM {plan.resource.sql}")
+    else:
+        await con.execute(f"DELETE FROM {plan.resource.sql} WHERE {tenant.sql} = $1", plan.tenant)
+
+
 async def write(con: asyncpg.Connection, plan: Plan, fast: bool = False) -> tuple[int, int]:
     """Move the staged rows into the target table, in the import's mode; returns (inserted,
     updated), counted by the write itself (a row a conflict updated has a non-zero xmax). On
@@ -635,8 +643,7 @@ async def write(con: asyncpg.Connection, plan: Plan, fast: bool = False) -> tupl
         values.append("$1")
         args = (plan.tenant,)
     if plan.params.mode == "replace":
-        where = f" WHERE {tenant.sql} = $1" if tenant is not None else ""
-        await con.execute(f"DELETE FROM {resource.sql}{where}", *args)
+        await delete_tenant_rows(con, plan)
     sql = (
         f"INSERT INTO {resource.sql} AS t ({', '.join(targets)})"
         f" SELECT {', '.join(values)} FROM {STAGE} s"
