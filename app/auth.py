@@ -29,12 +29,9 @@ async def create_key(con: asyncpg.Connection, tenant: str) -> str:
     return key
 
 
-async def tenant_for_key(pool: asyncpg.Pool, key: str) -> str | None:
-    """The tenant owning `key`, or None. The lookup is by hash, so it leaks no key timing."""
-    return await _tenant_for_hash(pool, hash_key(key))
-
-
-async def _tenant_for_hash(pool: asyncpg.Pool, digest: bytes) -> str | None:
+async def tenant_for_hash(pool: asyncpg.Pool, digest: bytes) -> str | None:
+    """The tenant owning the key with this digest, or None. The lookup is by hash, so it leaks
+    no key timing."""
     tenant: str | None = await pool.fetchval(
         "SELECT tenant_id FROM ferry.api_keys WHERE key_hash = $1 AND revoked_at IS NULL", digest
     )
@@ -42,22 +39,20 @@ async def _tenant_for_hash(pool: asyncpg.Pool, digest: bytes) -> str | None:
 
 
 class KeyLookup:
-    """`tenant_for_key`, remembering each known key's tenant for `ttl` seconds (0: never): the
-    lookup is a round trip on every request otherwise. A revoked key therefore stops working
-    within `ttl`. Unknown keys are never remembered, so a new key works at once."""
+    """A key's tenant, remembered for `ttl` seconds (0: never): the lookup is a round trip on
+    every request otherwise. A revoked key therefore stops working within `ttl`. Unknown keys
+    are never remembered, so a new key works at once."""
 
     def __init__(self, pool: asyncpg.Pool, ttl: float, max_keys: int = 10_000) -> None:
         self.pool = pool
         self._tenants: TTLCache[bytes, str] | None = TTLCache(max_keys, ttl) if ttl > 0 else None
 
     async def tenant(self, key: str) -> str | None:
-        if self._tenants is None:
-            return await tenant_for_key(self.pool, key)
         digest = hash_key(key)
-        tenant = self._tenants.get(digest)
+        tenant = self._tenants.get(digest) if self._tenants is not None else None
         if tenant is None:
-            tenant = await _tenant_for_hash(self.pool, digest)
-            if tenant is not None:
+            tenant = await tenant_for_hash(self.pool, digest)
+            if tenant is not None and self._tenants is not None:
                 self._tenants[digest] = tenant
         return tenant
 
