@@ -219,6 +219,70 @@ async def test_upsert_counts_inserted_and_updated(
     ]
 
 
+async def test_upsert_of_existing_rows_updates_them_by_key(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    a = next_ids(3)
+    await seed(pool, tenant, [(a, "Old", "A", 1, "o@x"), (a + 1, "Old", "B", 2, None)])
+    await seed(pool, tenant, [(a + 2, "Keep", "Me", 3, "k@x")])
+    job = await run_import(client, f"{USERS}\n{a + 1},New,B,,b@x\n{a},New,A,10,\n", mode="upsert")
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    assert (job["result"]["rows_inserted"], job["result"]["rows_updated"]) == (0, 2)
+    assert await users_of(pool, tenant) == [
+        (a, "New", "A", 10, None),
+        (a + 1, "New", "B", None, "b@x"),
+        (a + 2, "Keep", "Me", 3, "k@x"),
+    ]
+
+
+def existing_then(a: int, *rows: str) -> str:
+    """A file whose first EXISTING_SAMPLE rows update existing keys a, a+1, ... then `rows`."""
+    updates = [f"{a + i},Updated,{i},{i % 50}," for i in range(importer.EXISTING_SAMPLE)]
+    return "\n".join([USERS, *updates, *rows]) + "\n"
+
+
+async def seed_sample(pool: asyncpg.Pool, tenant: Tenant, a: int) -> None:
+    await seed(
+        pool, tenant, [(a + i, "Old", "Row", 1, None) for i in range(importer.EXISTING_SAMPLE)]
+    )
+
+
+async def test_upsert_that_starts_with_existing_keys_inserts_the_new_ones_after(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    n = importer.EXISTING_SAMPLE
+    a = next_ids(n + 2)
+    await seed_sample(pool, tenant, a)
+    body = existing_then(a, f"{a + n},New,X,1,", f"{a + n + 1},New,Y,2,y@x")
+    job = await run_import(client, body, mode="upsert")
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    assert (job["result"]["rows_inserted"], job["result"]["rows_updated"]) == (2, n)
+    rows = await users_of(pool, tenant)
+    assert len(rows) == n + 2 and all(r[1] == "Updated" for r in rows[:n])
+    assert rows[n:] == [(a + n, "New", "X", 1, None), (a + n + 1, "New", "Y", 2, "y@x")]
+
+
+async def test_upsert_by_key_still_reports_repeated_and_foreign_keys(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant, other_tenant: Tenant
+) -> None:
+    n = importer.EXISTING_SAMPLE
+    a = next_ids(n + 1)
+    await seed_sample(pool, tenant, a)
+    await seed(pool, other_tenant, [(a + n, "Theirs", "Row", 40, "t@x")])
+    before_other = await users_of(pool, other_tenant)
+    body = existing_then(a, f"{a + n},Mine,Now,1,", f"{a},Again,Twice,2,")
+    job = await run_import(client, body, mode="upsert", on_error="skip")
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    assert error_codes(job) == [
+        (n + 2, "id", "duplicate_key"),
+        (n + 3, "id", "duplicate_key_in_file"),
+    ]
+    result = job["result"]
+    assert (result["rows_inserted"], result["rows_updated"], result["rows_failed"]) == (0, n, 2)
+    assert (await users_of(pool, tenant))[0] == (a, "Updated", "0", 0, None)
+    assert await users_of(pool, other_tenant) == before_other
+
+
 async def test_replace_swaps_the_tenants_rows_only(
     client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant, other_tenant: Tenant
 ) -> None:
