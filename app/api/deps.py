@@ -4,13 +4,11 @@ from typing import Annotated
 
 import structlog
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 
 from app import auth
 from app.errors import Unauthorized
 from app.services import Services
-
-_bearer = HTTPBearer(auto_error=False, description="An API key from `ferry keys create`.")
 
 
 async def get_services(request: Request) -> Services:
@@ -22,20 +20,29 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def current_tenant(
-    services: ServicesDep,
-    request: Request,
-    _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> str:
-    key = auth.bearer_token(request.headers.get("authorization"))
-    tenant = await services.keys.tenant(key) if key else None
-    if tenant is None:
-        raise Unauthorized(
-            "A valid API key is required: `Authorization: Bearer <key>`.",
-            headers={"WWW-Authenticate": "Bearer"},
+class ApiKey(HTTPBearer):
+    """The caller's tenant, from `Authorization: Bearer <key>`. One dependency that is also the
+    OpenAPI security scheme (the docs page's Authorize button): each dependency costs FastAPI
+    work on every request."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            scheme_name="HTTPBearer",
+            auto_error=False,
+            description="An API key from `ferry keys create`.",
         )
-    structlog.contextvars.bind_contextvars(tenant=tenant)
-    return tenant
+
+    async def __call__(self, request: Request) -> str:  # type: ignore[override]
+        key = auth.bearer_token(request.headers.get("authorization"))
+        services: Services = request.app.state.services
+        tenant = await services.keys.tenant(key) if key else None
+        if tenant is None:
+            raise Unauthorized(
+                "A valid API key is required: `Authorization: Bearer <key>`.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        structlog.contextvars.bind_contextvars(tenant=tenant)
+        return tenant
 
 
-TenantDep = Annotated[str, Depends(current_tenant)]
+TenantDep = Annotated[str, Depends(ApiKey())]
