@@ -68,7 +68,8 @@ async def submit(
     job_id: uuid.UUID | None = None,
 ) -> Submitted:
     """Commit the job row, then queue it. A refused request leaves no row behind."""
-    fingerprint = request_hash(kind, params)
+    # The fingerprint only serves an Idempotency-Key (a canonical JSON dump and a SHA-256).
+    fingerprint = request_hash(kind, params) if idempotency_key else ""
     previous = await replay(services, tenant, idempotency_key, fingerprint)
     if previous is not None:
         return previous
@@ -87,7 +88,7 @@ async def submit(
             run_at=run_at,
             upload_key=upload_key,
             idempotency_key=idempotency_key,
-            request_hash=fingerprint if idempotency_key else None,
+            request_hash=fingerprint or None,
             response_status=status_code,
             job_id=job_id,
         )
@@ -116,7 +117,8 @@ async def dispatch(services: Services, job: jobstore.Job) -> None:
     round trip. Tenant streams (/ws/jobs) learn of the new job from the announcement; a job's
     own stream starts from its snapshot."""
     announce = events.job_message(job, presenter.job_out(job))
-    await queue.enqueue(services.redis, job["id"], job["queue_id"], job["run_at"], announce)
+    delivery = queue.Delivery(job["id"], job["queue_id"], job["run_at"], announce)
+    await services.enqueuer.enqueue(delivery)
 
 
 async def start_upload(services: Services, tenant: str, job_id: uuid.UUID) -> jobstore.Job:

@@ -3,6 +3,7 @@
 import asyncio
 import hashlib
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -38,62 +39,104 @@ def new_queue_id(job_id: uuid.UUID) -> str:
     return f"{job_id}:{uuid.uuid4().hex[:12]}"
 
 
-async def enqueue(
-    redis: ArqRedis,
-    job_id: uuid.UUID,
-    queue_id: str,
-    run_at: datetime | None = None,
-    announce: tuple[str, str] | None = None,
-) -> bool:
-    """Queue the job under `queue_id` (already recorded on the job row), after publishing the
-    `announce` event (channel, payload) in the same round trip. False when Redis is
-    unreachable: the job is safe in PostgreSQL and the reconciler will queue it later."""
+@dataclass(frozen=True)
+class Delivery:
+    """One arq message for a job: its arq id (already recorded on the job row), when it may run,
+    and the event (channel, payload) announcing it, published in the same round trip."""
+
+    job_id: uuid.UUID
+    queue_id: str
+    run_at: datetime | None = None
+    announce: tuple[str, str] | None = None
+
+
+class Enqueuer:
+    """Sends deliveries to arq in batches: those that arrive while a round trip is in flight
+    leave together in the next one (one script call for all, like a group commit), so under
+    load the cost per job falls instead of the waits growing. Each caller still returns only
+    once its own delivery is written (True), or Redis failed (False: the job is safe in
+    PostgreSQL and the reconciler queues it later)."""
+
+    def __init__(self, redis: ArqRedis) -> None:
+        self.redis = redis
+        self._waiting: list[tuple[Delivery, asyncio.Future[bool]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def enqueue(self, delivery: Delivery) -> bool:
+        sent: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((delivery, sent))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send())
+        return await sent
+
+    async def _send(self) -> None:
+        while self._waiting:
+            batch = self._waiting[:BATCH_LIMIT]
+            del self._waiting[:BATCH_LIMIT]
+            try:
+                sent = await enqueue_many(self.redis, [delivery for delivery, _ in batch])
+            except BaseException as e:  # a bug, or shutdown: no caller may wait forever
+                batch += self._waiting
+                self._waiting.clear()
+                for _, future in batch:
+                    if future.done():
+                        continue
+                    if isinstance(e, asyncio.CancelledError):
+                        future.cancel()
+                    else:
+                        future.set_exception(e)
+                raise
+            for _, future in batch:
+                if not future.done():  # a caller that gave up has a cancelled future
+                    future.set_result(sent)
+
+
+async def enqueue_many(redis: ArqRedis, deliveries: list[Delivery]) -> bool:
+    """Queue the deliveries in one round trip. False when Redis is unreachable: the jobs are
+    safe in PostgreSQL and the reconciler will queue them later."""
     try:
         async with asyncio.timeout(ENQUEUE_TIMEOUT):
-            await _enqueue(redis, queue_id, job_id, run_at, announce)
+            await _enqueue(redis, deliveries)
     except (RedisError, OSError, TimeoutError) as e:
-        log.warning("enqueue_failed", job_id=str(job_id), error=str(e))
+        ids = [str(d.job_id) for d in deliveries]
+        log.warning("enqueue_failed", job_ids=ids, error=str(e))
         return False
     return True
 
 
-# What `ArqRedis.enqueue_job` writes (the message, then its place in the queue), after the job's
-# announcement when there is one, as ONE command: a pipeline of five (MULTI .. EXEC) costs the
-# API several times the CPU. arq's WATCH and EXISTS guard against a reused arq id; every queue id
-# here is fresh.
+# What `ArqRedis.enqueue_job` writes for each delivery (the message, then its place in the
+# queue), after the job's announcement when there is one, as ONE command for the whole batch: a
+# pipeline (MULTI .. EXEC) costs the API several times the CPU. arq's WATCH and EXISTS guard
+# against a reused arq id; every queue id here is fresh.
 _ENQUEUE_LUA = """
-if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
-redis.call('PSETEX', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[6])
+for i = 2, #KEYS do
+    local a = (i - 2) * 6
+    if ARGV[a + 4] ~= '' then redis.call('PUBLISH', ARGV[a + 4], ARGV[a + 5]) end
+    redis.call('PSETEX', KEYS[i], ARGV[a + 1], ARGV[a + 2])
+    redis.call('ZADD', KEYS[1], ARGV[a + 3], ARGV[a + 6])
+end
 """
 _ENQUEUE_SHA = hashlib.sha1(_ENQUEUE_LUA.encode()).hexdigest()
+BATCH_LIMIT = 200  # deliveries per script call
 
 
-async def _enqueue(
-    redis: ArqRedis,
-    queue_id: str,
-    job_id: uuid.UUID,
-    run_at: datetime | None,
-    announce: tuple[str, str] | None = None,
-) -> None:
+async def _enqueue(redis: ArqRedis, deliveries: list[Delivery]) -> None:
     now = timestamp_ms()
-    score = max(to_unix_ms(run_at), now) if run_at is not None else now
-    job = serialize_job(RUN_JOB, (str(job_id),), {}, None, now, serializer=redis.job_serializer)
-    channel, payload = announce or ("", "")
-    keys_and_args: tuple[Any, ...] = (
-        job_key_prefix + queue_id,
-        redis.default_queue_name,
-        score - now + redis.expires_extra_ms,
-        job,
-        score,
-        channel,
-        payload,
-        queue_id,
-    )
+    keys: list[str] = [redis.default_queue_name]
+    args: list[Any] = []
+    for d in deliveries:
+        score = max(to_unix_ms(d.run_at), now) if d.run_at is not None else now
+        job = serialize_job(
+            RUN_JOB, (str(d.job_id),), {}, None, now, serializer=redis.job_serializer
+        )
+        channel, payload = d.announce or ("", "")
+        keys.append(job_key_prefix + d.queue_id)
+        args += [score - now + redis.expires_extra_ms, job, score, channel, payload, d.queue_id]
+    command = (len(keys), *keys, *args)
     try:
-        await redis.execute_command("EVALSHA", _ENQUEUE_SHA, 2, *keys_and_args)  # type: ignore[no-untyped-call]
+        await redis.execute_command("EVALSHA", _ENQUEUE_SHA, *command)  # type: ignore[no-untyped-call]
     except NoScriptError:  # a Redis that has not seen the script yet (or was restarted)
-        await redis.execute_command("EVAL", _ENQUEUE_LUA, 2, *keys_and_args)  # type: ignore[no-untyped-call]
+        await redis.execute_command("EVAL", _ENQUEUE_LUA, *command)  # type: ignore[no-untyped-call]
 
 
 async def is_queued(redis: ArqRedis, queue_id: str) -> bool:

@@ -89,7 +89,7 @@ async def _lost_messages(services: Services, counts: Counter[str]) -> None:
 
 async def _enqueue(services: Services, job_id: uuid.UUID, run_at: datetime | None) -> None:
     queue_id = await jobstore.new_delivery(services.pool, job_id)
-    await queue.enqueue(services.redis, job_id, queue_id, run_at)
+    await services.enqueuer.enqueue(queue.Delivery(job_id, queue_id, run_at))
 
 
 async def _expired_results(services: Services, counts: Counter[str]) -> None:

@@ -233,7 +233,7 @@ async def _hand_back(run: JobRun, delay: float) -> None:
         await _announce(services, job)
         return
     announce = events.job_message(job, presenter.job_out(job))
-    await queue.enqueue(services.redis, run.id, job["queue_id"], run_at, announce)
+    await services.enqueuer.enqueue(queue.Delivery(run.id, job["queue_id"], run_at, announce))
 
 
 async def _heartbeat(run: JobRun, work: asyncio.Task[Any]) -> None:

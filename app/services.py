@@ -12,6 +12,7 @@ from app import db, resources
 from app.auth import KeyLookup
 from app.backpressure import QueueDepth
 from app.config import Settings
+from app.queue import Enqueuer, redis_settings
 from app.storage import Storage
 
 
@@ -24,14 +25,13 @@ class Services:
     resources: resources.Registry
     queue_depth: QueueDepth
     keys: KeyLookup
+    enqueuer: Enqueuer
 
 
 @asynccontextmanager
 async def open_services(
     settings: Settings, pool_size: int | None = None
 ) -> AsyncIterator[Services]:
-    from app.queue import redis_settings
-
     async with AsyncExitStack() as stack:
         pool = await db.create_pool(settings.database_url, pool_size or settings.db_pool_max_size)
         stack.push_async_callback(pool.close)
@@ -48,4 +48,5 @@ async def open_services(
             registry,
             QueueDepth(settings.max_queued_jobs),
             KeyLookup(pool, settings.auth_cache_seconds),
+            Enqueuer(redis),
         )
