@@ -228,7 +228,9 @@ def bench_api(stack: Stack, figures: list[Any], commands: dict[str, str]) -> Non
                 note=(
                     f"open loop: {n} clients send {rate:,.0f} requests/s between them on a fixed"
                     " schedule; latency counts from each request's scheduled time; achieved"
-                    f" {median(runs['submit-paced']):,.0f}/s"
+                    f" {median(runs['submit-paced']):,.0f}/s; p{p} of each run: "
+                    + ", ".join(f"{percentile(s, p) * 1000:.1f}" for s in latencies["submit-paced"])
+                    + " ms"
                 ),
                 runs={k: v for k, v in runs.items() if k.endswith("paced")} if p == 99 else {},
             )
