@@ -82,5 +82,6 @@ class WorkerSettings:
     job_completion_wait = int(settings.shutdown_grace_seconds)
     health_check_interval = 30
     # arq polls its queue (it has no wake-up on enqueue): 0.5 s by default, i.e. 0.25 s of
-    # every job's end-to-end time on average. Polling 10 times a second costs Redis nothing.
-    poll_delay = 0.1
+    # every job's end-to-end time on average. Polling 20 times a second (one ZRANGEBYSCORE each)
+    # costs Redis and the worker well under 1% of a core, and a job waits 25 ms on average.
+    poll_delay = 0.05
