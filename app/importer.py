@@ -497,8 +497,16 @@ async def _stage_rows(
         )
 
 
-def _key_match(plan: Plan) -> str:
-    return " AND ".join(f"t.{k.sql} = s.{k.sql}" for k in plan.keys)
+def _key_match(plan: Plan, alias: str = "t") -> str:
+    return " AND ".join(f"{alias}.{k.sql} = s.{k.sql}" for k in plan.keys)
+
+
+def _mine(plan: Plan, alias: str = "t") -> tuple[str, tuple[Any, ...]]:
+    """SQL true when the target row `alias` has staged row `s`'s key and is the tenant's."""
+    tenant = plan.resource.tenant_column
+    if tenant is None:
+        return _key_match(plan, alias), ()
+    return f"{_key_match(plan, alias)} AND {alias}.{tenant.sql} = $1", (plan.tenant,)
 
 
 def _taken_condition(plan: Plan) -> tuple[str, tuple[Any, ...]] | None:
@@ -581,11 +589,10 @@ async def count_written(con: asyncpg.Connection, plan: Plan) -> tuple[int, int]:
     staged: int = await con.fetchval(f"SELECT count(*) FROM {STAGE}")
     if plan.params.mode != "upsert" or not plan.keys:
         return staged, 0
-    tenant = plan.resource.tenant_column
-    mine, args = (f" AND t.{tenant.sql} = $1", (plan.tenant,)) if tenant else ("", ())
+    mine, args = _mine(plan)
     updated: int = await con.fetchval(
         f"""SELECT count(*) FROM {STAGE} s
-            WHERE EXISTS (SELECT 1 FROM {plan.resource.sql} t WHERE {_key_match(plan)}{mine})""",
+            WHERE EXISTS (SELECT 1 FROM {plan.resource.sql} t WHERE {mine})""",
         *args,
     )
     return staged - updated, updated
@@ -664,25 +671,12 @@ def _updated_columns(plan: Plan) -> list[Column]:
     return [c for c in plan.columns if c.name not in plan.resource.conflict_columns]
 
 
-def _mine(plan: Plan, alias: str) -> tuple[str, tuple[Any, ...]]:
-    """SQL true when the target row `alias` has staged row `s`'s key and is the tenant's."""
-    tenant = plan.resource.tenant_column
-    match = [
-        f"{alias}.{quote_ident(c)} = s.{quote_ident(c)}"
-        for c in plan.resource.conflict_columns
-        if tenant is None or c != tenant.name
-    ]
-    if tenant is None:
-        return " AND ".join(match), ()
-    return " AND ".join([*match, f"{alias}.{tenant.sql} = $1"]), (plan.tenant,)
-
-
 async def _keys_exist(con: asyncpg.Connection, plan: Plan) -> bool:
     """An upsert whose first EXISTING_SAMPLE staged keys are all the tenant's rows already: a
     file that updates rather than adds, written by key with UPDATE (see `_update_existing`)."""
     if plan.params.mode != "upsert" or not plan.keys or not _updated_columns(plan):
         return False
-    mine, args = _mine(plan, "t")
+    mine, args = _mine(plan)
     found: bool | None = await con.fetchval(
         f"""SELECT bool_and(EXISTS (SELECT 1 FROM {plan.resource.sql} t WHERE {mine}))
             FROM (SELECT * FROM {STAGE} LIMIT {EXISTING_SAMPLE}) s""",
@@ -697,7 +691,7 @@ async def _update_existing(con: asyncpg.Connection, plan: Plan) -> int:
     and hash the whole table). Per row this writes one WAL record fewer than ON CONFLICT DO
     UPDATE, which locks the row before updating it: about 10% faster over existing rows."""
     sets = ", ".join(f"{c.sql} = {_value(plan, c)}" for c in _updated_columns(plan))
-    mine, args = _mine(plan, "t")
+    mine, args = _mine(plan)
     await con.execute(
         "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; SET LOCAL jit = off"
     )
