@@ -32,6 +32,12 @@ def channel(tenant: str, job_id: uuid.UUID | str) -> str:
     return f"ferry:events:{tenant}:{job_id}"
 
 
+def _channel_tenant(name: bytes | str) -> str:
+    """The tenant of a `channel()` name that PATTERN matched (job ids have no colon)."""
+    text = name.decode() if isinstance(name, bytes) else name
+    return text.removeprefix(PATTERN.removesuffix("*")).rpartition(":")[0]
+
+
 def frames_for(public_job: dict[str, Any]) -> list[dict[str, Any]]:
     """The frames that announce a job's new state (`public_job` as the API shows it)."""
     frames: list[dict[str, Any]] = [
@@ -210,7 +216,9 @@ class Hub:
                 heard = now
                 kind = message.get("type")
                 if kind == "pmessage":
-                    self._dispatch_raw(message["data"])
+                    # Every process hears every tenant's events; most have no socket here.
+                    if _channel_tenant(message["channel"]) in self._subs:
+                        self._dispatch_raw(message["data"])
                 elif kind == "psubscribe":
                     # Subscribed (again): whatever was published before this is lost to us,
                     # so every socket re-reads its jobs from PostgreSQL.

@@ -20,6 +20,7 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
+import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -406,6 +407,12 @@ async def test_client_that_stops_reading_is_dropped_alone(
     assert (await client.get(f"/jobs/{job['id']}")).json()["status"] == "succeeded"
 
 
+def test_channel_tenant_is_read_back_from_the_channel_name() -> None:
+    job_id = uuid.uuid4()
+    for tenant in ("acme", "a:b", "t-1"):
+        assert events._channel_tenant(events.channel(tenant, job_id).encode()) == tenant
+
+
 def test_overflowing_subscription_is_dropped_alone() -> None:
     hub = events.Hub(lambda: None)  # type: ignore[arg-type,return-value]
     slow = hub.subscribe("t1")
@@ -444,17 +451,20 @@ async def test_hub_keeps_a_quiet_connection_and_resyncs_on_connect(
             async with asyncio.timeout(silent_until - time.monotonic()):
                 await quiet.wait()  # nothing sets it: three silence limits pass, pings only
         assert hub.connections == 1 and hub.connected.is_set()
+        event = {"tenant": "t", "job_id": "j", "seq": 1, "frames": [{"type": "status"}]}
         r = aioredis.Redis.from_url(stack.settings.redis_url)
-        try:
-            event = {"tenant": "t", "job_id": "j", "seq": 1, "frames": [{"type": "status"}]}
-            await r.publish(f"{unique}:j", json.dumps(event))
-            await r.publish(f"{unique}:k", json.dumps({**event, "tenant": "u"}))
-        finally:
-            await r.aclose()
-        async with asyncio.timeout(10):
-            got = await early.get()
+        with structlog.testing.capture_logs() as logged:
+            try:
+                # Tenant u has no socket here: its event is skipped unread (malformed or not).
+                await r.publish(f"{unique}:u:k", b"not json")
+                await r.publish(f"{unique}:t:j", json.dumps(event))
+            finally:
+                await r.aclose()
+            async with asyncio.timeout(10):
+                got = await early.get()
         assert got["seq"] == 1 and got["frames"] == [{"type": "status"}]
         assert early.queue.empty()
+        assert [e for e in logged if e["event"] == "event_malformed"] == []
     finally:
         await hub.stop()
 
