@@ -10,7 +10,7 @@ from typing import Any
 
 from bench import report
 from bench.config import Config
-from bench.measure import Skipped
+from bench.measure import Skipped, cpu_speed
 from bench.stack import Stack, log
 
 Bench = Callable[[Stack, list[Any], dict[str, str]], None]
@@ -43,6 +43,7 @@ def main() -> int:
         return 2
     started = time.monotonic()
     load = {"start": os.getloadavg()}
+    speed = {"start": cpu_speed()}
     log(f"bench: {config.rows:,} rows, repeat {config.repeat}, load {load['start']}")
     figures: list[Any] = []
     commands: dict[str, str] = {}
@@ -66,7 +67,8 @@ def main() -> int:
     finally:
         stack.close()
     load["end"] = os.getloadavg()
-    body = report.write(config, figures, commands, load, time.monotonic() - started)
+    speed["end"] = cpu_speed()
+    body = report.write(config, figures, commands, load, speed, time.monotonic() - started)
     print(body)
     return 1 if failed else 0
 

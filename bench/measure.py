@@ -43,6 +43,17 @@ class Skipped:
     reason: str
 
 
+def cpu_speed() -> float:
+    """Seconds for a fixed pure-Python loop, best of 3: this VM's CPU speed changes from hour to
+    hour (2-3x seen in one day), so reports taken at different times compare only beside it."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        sum(range(10_000_000))
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

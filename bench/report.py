@@ -109,6 +109,7 @@ def write(
     figures: list[Any],
     commands: dict[str, str],
     load: dict[str, tuple[float, float, float]],
+    speed: dict[str, float],
     elapsed: float,
 ) -> str:
     notes = [f"- {f.name}: {f.note}" for f in figures if isinstance(f, Figure) and f.note]
@@ -131,6 +132,10 @@ def write(
         "Load average (1, 5, 15 min): "
         + "; ".join(f"{k} {a:.2f} {b:.2f} {c:.2f}" for k, (a, b, c) in load.items())
         + ". On 2 shared cores a load above ~1 means the figures are noisy.",
+        "",
+        "CPU speed (`sum(range(10_000_000))` in Python, best of 3, lower is faster): "
+        + "; ".join(f"{k} {v:.3f} s" for k, v in speed.items())
+        + ". Compare absolute figures of runs taken at different times only beside it.",
         "",
         "## Notes",
         *notes,
