@@ -34,7 +34,7 @@ class ApiKey(HTTPBearer):
 
     async def __call__(self, request: Request) -> str:  # type: ignore[override]
         key = auth.bearer_token(request.headers.get("authorization"))
-        services: Services = request.app.state.services
+        services = await get_services(request)
         tenant = await services.keys.tenant(key) if key else None
         if tenant is None:
             raise Unauthorized(
