@@ -13,9 +13,9 @@ _SECRET = re.compile(r"((?:[?&]token=)|(?:Bearer\s+)|(?:X-Amz-Signature=))[^&\s\
 
 
 def scrub(text: str) -> str:
-    # search() first: on the few strings with no secret (nearly all of them) it is ~5x cheaper
-    # than sub(), which expands its template on every call; this runs on every value of every
-    # log line, the access line included.
+    # search() first: on a string with no secret (nearly every one) it is ~5x cheaper than
+    # sub(), which expands its template on every call; this runs on every value of every log
+    # line, the access line included.
     if _SECRET.search(text) is None:
         return text
     return _SECRET.sub(r"\1[redacted]", text)
