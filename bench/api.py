@@ -19,8 +19,9 @@ import asyncpg
 import redis
 import uvloop
 
+from app.dev import stop
 from bench.measure import Figure, alternate, median, percentile
-from bench.stack import Stack, cpu_seconds, log, postgres_pids, stop
+from bench.stack import Stack, cpu_seconds, log, postgres_pids
 
 API_TENANT_PREFIX = "bench-api-"
 BODY = {"resource": "users", "run_at": "2100-01-01T00:00:00Z"}

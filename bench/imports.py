@@ -16,6 +16,7 @@ import asyncio
 import os
 import shlex
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -188,7 +189,9 @@ def bench_import(stack: Stack, figures: list[Any], commands: dict[str, str]) -> 
                 asyncio.run(_reset(config.dsn, existing, rows))
                 return timed_shell(reference, env=aws_env)
 
-            sides = {"ferry": ferry, "reference": ref} if available else {"reference": ref}
+            sides: dict[str, Callable[[], float]] = (
+                {"ferry": ferry, "reference": ref} if available else {"reference": ref}
+            )
             # One unmeasured run of each side first: the first run of each paid for cold
             # caches (worker code paths, PostgreSQL's plans and buffers), not for its method.
             log(f"{mode} warm-up: {', '.join(sides)}")

@@ -72,7 +72,8 @@ def versions(config: Config) -> dict[str, str]:
     except Exception as e:  # the report must still be written
         found["PostgreSQL"] = f"unknown ({e})"
     try:
-        found["Redis"] = str(redis.Redis.from_url(config.redis_url).info()["redis_version"])
+        info: dict[str, Any] = redis.Redis.from_url(config.redis_url).info()  # type: ignore[assignment]
+        found["Redis"] = str(info["redis_version"])
     except redis.RedisError:
         found["Redis"] = "unknown"
     psql = subprocess.run(["psql", "--version"], capture_output=True, text=True, check=False)

@@ -125,7 +125,7 @@ async def _hold(api: str, client: httpx.AsyncClient, key: str, target: int) -> d
                 if frame["type"] == "completed":
                     arrivals.append(time.perf_counter())
                     await asyncio.wait_for(ws.wait_closed(), 10)
-                    return ws.close_code == 1000
+                    return bool(ws.close_code == 1000)
         except Exception:
             return False
 
@@ -157,10 +157,10 @@ def bench_ws(stack: Stack, figures: list[Any], commands: dict[str, str]) -> None
             )
             ferry = [s for s in samples if s is not None]
             # All at once: one worker finishing (and announcing) every job in the same moment.
-            burst = await asyncio.gather(
+            at_once = await asyncio.gather(
                 *(_completion(api, c, key) for _ in range(config.ws_samples))
             )
-            burst = [s for s in burst if s is not None]
+            burst = [s for s in at_once if s is not None]
             reference = await _pubsub_latency(config.redis_url, config.ws_samples)
             for p in (50, 95):
                 figures.append(
