@@ -5,9 +5,11 @@ against the same database; Ferry and the pipeline write to the same S3 endpoint 
 """
 
 import asyncio
+import os
 import shlex
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -19,7 +21,7 @@ from app import resources
 from app.schemas import ExportRequest
 from bench import awscli
 from bench.measure import Figure, alternate, median, timed_shell
-from bench.stack import BUCKET, TENANT, Stack, log
+from bench.stack import BUCKET, TENANT, Stack, cpu_seconds, log, postgres_cpu_seconds
 
 REQUEST: dict[str, Any] = {"resource": "users"}  # every column, key order, CSV with a header
 
@@ -84,6 +86,40 @@ async def _object_size(stack: Stack, key: str) -> int | None:
         return size
 
 
+def _cpu_now(stack: Stack) -> dict[str, float]:
+    """Cumulative CPU seconds of each process group a run can use."""
+    assert stack.emulator is not None and stack.worker is not None and stack.api is not None
+    children = os.times()  # psql and the AWS CLI, once their shell has been waited for
+    return {
+        "PostgreSQL": postgres_cpu_seconds(),
+        "S3 emulator": cpu_seconds([stack.emulator.pid]),
+        "worker": cpu_seconds([stack.worker.pid]),
+        "API": cpu_seconds([stack.api.pid]),
+        "psql + aws": children.children_user + children.children_system,
+    }
+
+
+def _with_cpu(
+    stack: Stack, run: Callable[[], float], spent: dict[str, list[float]]
+) -> Callable[[], float]:
+    """`run`, also recording the CPU seconds each process group spent during it."""
+
+    def measured() -> float:
+        before = _cpu_now(stack)
+        elapsed = run()
+        after = _cpu_now(stack)
+        for group, seconds in after.items():
+            spent.setdefault(group, []).append(seconds - before[group])
+        return elapsed
+
+    return measured
+
+
+def _cpu_note(side: str, spent: dict[str, list[float]]) -> str:
+    groups = [f"{g} {median(s):.2f}" for g, s in spent.items() if median(s) >= 0.005]
+    return f"{side}: " + ", ".join(groups)
+
+
 def bench_export(stack: Stack, figures: list[Any], commands: dict[str, str]) -> None:
     config = stack.config
     rows = config.rows
@@ -127,8 +163,13 @@ def bench_export(stack: Stack, figures: list[Any], commands: dict[str, str]) -> 
         def devnull() -> float:
             return timed_shell(to_null, env=aws_env)
 
+        cpu: dict[str, dict[str, list[float]]] = {"ferry": {}, "psql|aws": {}, "psql>null": {}}
         runs = alternate(
-            {"ferry": ferry, "psql|aws": pipeline, "psql>null": devnull},
+            {
+                "ferry": _with_cpu(stack, ferry, cpu["ferry"]),
+                "psql|aws": _with_cpu(stack, pipeline, cpu["psql|aws"]),
+                "psql>null": _with_cpu(stack, devnull, cpu["psql>null"]),
+            },
             config.repeat,
             label="export",
         )
@@ -151,6 +192,10 @@ def bench_export(stack: Stack, figures: list[Any], commands: dict[str, str]) -> 
     else:
         note = f"same object: {sizes['ferry']:,} bytes"
     note += f"; the AWS CLI's start-up alone (`aws s3api head-bucket`) takes {startup:.2f} s"
+    # Both sides share 2 cores with PostgreSQL and the emulator: where each side's CPU goes.
+    note += "; CPU seconds per run (medians): " + "; ".join(
+        _cpu_note(side, spent) for side, spent in cpu.items() if side != "psql>null"
+    )
     ferry_rate = rows / median(runs["ferry"])
     figures.append(
         Figure(
@@ -171,7 +216,8 @@ def bench_export(stack: Stack, figures: list[Any], commands: dict[str, str]) -> 
             rows / median(runs["psql>null"]),
             "rows/s",
             "psql \\copy > /dev/null",
-            note="the ceiling: PostgreSQL's COPY with no S3 at all",
+            note="the ceiling: PostgreSQL's COPY with no S3 at all; CPU seconds per run "
+            f"(medians): {_cpu_note('psql>null', cpu['psql>null'])}",
             runs=runs,
         )
     )

@@ -53,11 +53,36 @@ def cpu_seconds(pids: list[int]) -> float:
     total = 0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            fields = _stat(pid)
         except OSError:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU time of the whole PostgreSQL server: every live process plus the backends that have
+    exited (the postmaster's reaped children), so a client's short-lived backend counts too."""
+    while True:
+        reaped = _reaped_cpu_seconds()
+        live = cpu_seconds(postgres_pids())
+        # A backend reaped during the scan would count twice (or not at all): scan again.
+        if _reaped_cpu_seconds() == reaped:
+            return reaped + live
+
+
+def _reaped_cpu_seconds() -> float:
+    """User plus system CPU time of the postmaster's exited, reaped children."""
+    for pid in postgres_pids():
+        with suppress(OSError):
+            fields = _stat(pid)
+            if Path(f"/proc/{fields[1]}/comm").read_text().strip() != "postgres":  # postmaster
+                return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
 
 def postgres_pids() -> list[int]:
@@ -78,6 +103,7 @@ class Stack:
     s3_endpoint: str = ""
     settings: Settings | None = None
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    emulator: subprocess.Popen[bytes] | None = None
     api: subprocess.Popen[bytes] | None = None
     api_url: str = ""
     worker: subprocess.Popen[bytes] | None = None
@@ -91,7 +117,8 @@ class Stack:
         port = free_port()
         self.s3_endpoint = f"http://127.0.0.1:{port}"
         log(f"S3 emulator (moto) on {self.s3_endpoint}")
-        self.processes.append(start_s3_emulator(port, stdout=self._log("s3")))
+        self.emulator = start_s3_emulator(port, stdout=self._log("s3"))
+        self.processes.append(self.emulator)
         redis.Redis.from_url(self.config.redis_url).flushdb()
         self.env = {
             **os.environ,
