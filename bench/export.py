@@ -138,6 +138,7 @@ def bench_export(stack: Stack, figures: list[Any], commands: dict[str, str]) -> 
     stack.ensure_worker()
     sizes: dict[str, int] = {}
     with httpx.Client(base_url=api, headers=stack.headers(TENANT), timeout=60) as client:
+        stack.settle()
         log(f"export warm-up ({rows:,} rows)")
         warm = run_export(client, REQUEST)
         asyncio.run(_delete_prefix(stack, f"exports/{TENANT}/"))

@@ -175,6 +175,7 @@ def bench_import(stack: Stack, figures: list[Any], commands: dict[str, str]) -> 
             f"INSERT INTO {REF_TABLE} ({cols}) SELECT {cols} FROM stg"
             f" ON CONFLICT (id) DO UPDATE SET {updates}",
         )
+        stack.settle()
         commands["import insert: aws s3 cp - | psql"] = insert_ref
         commands["import upsert: aws s3 cp - | psql (staging + ON CONFLICT)"] = upsert_ref
 
