@@ -7,6 +7,8 @@ its lease. The object key holds the attempt's lease, so a retried attempt never 
 half-writes another's object.
 """
 
+import asyncio
+import uuid
 import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -14,11 +16,13 @@ from typing import Any
 
 import asyncpg
 
+from app import jobstore
 from app.errors import Invalid
 from app.jobstore import Job
 from app.resources import Column, Resource
 from app.runner import JobRun
 from app.schemas import ExportRequest, Filter, Op
+from app.services import Services
 
 CONTENT_TYPES = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
 GZIP_LEVEL = 1  # CSV compresses well even at level 1, and level 1 keeps up with COPY
@@ -222,5 +226,16 @@ async def run(run: JobRun) -> Job:
             expires_at=finished + timedelta(seconds=settings.result_ttl_seconds),
         )
     except BaseException:
-        await services.storage.delete(key)  # nobody will ever point at this object
+        await asyncio.shield(_discard(services, job["id"], key))
         raise
+
+
+async def _discard(services: Services, job_id: uuid.UUID, key: str) -> None:
+    """Delete an attempt's object that no job points at. A finish whose answer was lost (a
+    dropped connection, a cancel) may have committed all the same: the row says which."""
+    try:
+        job = await jobstore.get(services.pool, job_id)
+    except Exception:
+        return  # unknown: an orphaned object is better than a succeeded job without its file
+    if job is None or job["result_key"] != key:
+        await services.storage.delete(key)

@@ -243,6 +243,10 @@ async def _heartbeat(run: JobRun, work: asyncio.Task[Any]) -> None:
         try:
             cancel = await jobstore.heartbeat(run.services.pool, run.id, run.lease)
         except LeaseLost:
+            if run.finishing:
+                # Its finish took the lease (or, if the lease was lost, raises LeaseLost
+                # itself): cancelling now could interrupt a commit that succeeded anyway.
+                return
             run.stop_reason = "lease_lost"
             work.cancel()
             return

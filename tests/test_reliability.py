@@ -16,7 +16,9 @@ import httpx
 import pytest
 import redis as redis_sync
 
+from app import events, export, jobstore, runner
 from app.dev import free_port
+from app.services import open_services
 from tests.conftest import Stack, Tenant, stop, wait_for_http, wait_for_job
 from tests.test_exports import download, seed_users
 
@@ -104,6 +106,85 @@ async def test_sigkill_mid_export_is_finished_by_another_worker(
     body = gzip.decompress(await download(client, done))
     assert body.count(b"\n") == big_table + 1
     await poll(lambda: _no_uploads_for(stack, job["id"]), 60, "dead attempt's upload aborted")
+
+
+async def test_a_heartbeat_after_the_finish_committed_keeps_the_export(
+    stack: Stack,
+    client: httpx.AsyncClient,
+    pool: asyncpg.Pool,
+    tenant: Tenant,
+    no_session_worker: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The finish commits `succeeded` (lease gone), a heartbeat runs before the commit's answer
+    arrives and finds no lease: the attempt must neither be cancelled nor delete its object,
+    and its end must be announced."""
+    await seed_users(pool, tenant.name, 100)
+    job = (await client.post("/exports", json={"resource": "users"})).json()
+    committed, beat_after_commit = asyncio.Event(), asyncio.Event()
+    real_finish, real_heartbeat, real_publish = (
+        jobstore.finish,
+        jobstore.heartbeat,
+        events.publish_job,
+    )
+    announced: list[str] = []
+
+    async def finish_answered_late(*args: Any, **kwargs: Any) -> Any:
+        row = await real_finish(*args, **kwargs)
+        committed.set()
+        async with asyncio.timeout(30):  # not wait_for: it can swallow a cancel (3.11)
+            await beat_after_commit.wait()
+        return row
+
+    async def heartbeat(*args: Any) -> bool:
+        try:
+            return await real_heartbeat(*args)
+        finally:
+            if committed.is_set():
+                beat_after_commit.set()
+
+    async def publish_job(redis: Any, job: Any, public: dict[str, Any]) -> None:
+        announced.append(public["status"])
+        await real_publish(redis, job, public)
+
+    monkeypatch.setattr(jobstore, "finish", finish_answered_late)
+    monkeypatch.setattr(jobstore, "heartbeat", heartbeat)
+    monkeypatch.setattr(events, "publish_job", publish_job)
+    async with open_services(stack.settings) as services:
+        await runner.run_job(services, uuid.UUID(job["id"]), {"export": export.run})
+
+    assert beat_after_commit.is_set()
+    done = (await client.get(f"/jobs/{job['id']}")).json()
+    assert done["status"] == "succeeded", done
+    assert (await download(client, done)).count(b"\n") == 101
+    assert announced[-1] == "succeeded"
+
+
+async def test_a_finish_that_committed_but_lost_its_answer_keeps_the_export(
+    stack: Stack,
+    client: httpx.AsyncClient,
+    pool: asyncpg.Pool,
+    tenant: Tenant,
+    no_session_worker: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection drops after the finish's commit: the job's row names the object, so the
+    failed attempt's clean-up must not delete it."""
+    await seed_users(pool, tenant.name, 100)
+    job = (await client.post("/exports", json={"resource": "users"})).json()
+    real_finish = jobstore.finish
+
+    async def finish_then_drop(*args: Any, **kwargs: Any) -> Any:
+        await real_finish(*args, **kwargs)
+        raise asyncpg.InterfaceError("connection lost after the commit")
+
+    monkeypatch.setattr(jobstore, "finish", finish_then_drop)
+    async with open_services(stack.settings) as services:
+        await runner.run_job(services, uuid.UUID(job["id"]), {"export": export.run})
+
+    done = (await client.get(f"/jobs/{job['id']}")).json()
+    assert done["status"] == "succeeded", done
+    assert (await download(client, done)).count(b"\n") == 101
 
 
 async def _no_uploads_for(stack: Stack, job_id: str) -> bool:
