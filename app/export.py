@@ -186,6 +186,7 @@ async def run(run: JobRun) -> Job:
         services.pool.acquire() as con,
         con.transaction(isolation="repeatable_read", readonly=True),
     ):
+        await jobstore.hold_attempt_lock(con, run.lease)
         await run.report(0, 0, total_rows=await estimate_rows(con, query), force=True)
         writer = services.storage.writer(
             key,

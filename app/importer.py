@@ -27,7 +27,7 @@ from typing import Any, cast
 import asyncpg
 import structlog
 
-from app import csvio, validate
+from app import csvio, jobstore, validate
 from app.db import quote_ident
 from app.errors import Invalid, JobFailure
 from app.export import RowCounter
@@ -749,6 +749,7 @@ async def run(run: JobRun) -> Job:
     counter = Counter()
 
     async with services.pool.acquire() as con, con.transaction():
+        await jobstore.hold_attempt_lock(con, run.lease)  # its error report upload's liveness
         await run.report(0, 0, force=True)
         plan, total, written = await _stage(con, run, resource, params, counter)
         if total == 0:

@@ -301,6 +301,27 @@ async def claim(con: Connection, job_id: uuid.UUID, heartbeat_timeout: float) ->
     )
 
 
+# A lock an attempt holds for as long as its transaction (and so its uploads) lasts. When its
+# process dies, PostgreSQL closes the connection and drops the lock at once, long before the
+# heartbeat goes stale: the reconciler aborts that attempt's uploads within its next pass.
+_ATTEMPT_LOCK = "hashtextextended($1::text, 1179927129)"  # seed: a namespace of Ferry's own
+
+
+async def hold_attempt_lock(con: asyncpg.Connection, lease: uuid.UUID) -> None:
+    """Take the attempt's lock for the rest of `con`'s transaction."""
+    await con.execute(f"SELECT pg_advisory_xact_lock({_ATTEMPT_LOCK})", str(lease))
+
+
+async def attempt_gone(con: Connection, lease: uuid.UUID | str) -> bool:
+    """Whether no live process holds the attempt's lock (taken and at once released if free)."""
+    gone: bool = await con.fetchval(
+        f"""SELECT CASE WHEN pg_try_advisory_lock({_ATTEMPT_LOCK})
+                        THEN pg_advisory_unlock({_ATTEMPT_LOCK}) ELSE false END""",
+        str(lease),
+    )
+    return gone
+
+
 async def heartbeat(con: Connection, job_id: uuid.UUID, lease: uuid.UUID) -> bool:
     """Refresh the lease; returns whether cancellation was requested. Raises LeaseLost."""
     cancel = await con.fetchval(

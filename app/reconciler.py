@@ -103,7 +103,8 @@ async def _expired_results(services: Services, counts: Counter[str]) -> None:
 
 
 async def _abandoned_uploads(services: Services, counts: Counter[str]) -> None:
-    """Abort export uploads whose attempt no longer holds its job's lease."""
+    """Abort the uploads of attempts that no longer hold their job's lease, or whose process is
+    gone (its attempt lock is free) while the lease waits for the heartbeat to go stale."""
     storage = services.storage
     leases = {
         (str(r["id"]), str(r["lease"]))
@@ -118,7 +119,7 @@ async def _abandoned_uploads(services: Services, counts: Counter[str]) -> None:
         if len(parts) != 4 or upload["Initiated"] > recent:
             continue
         job_id, lease = parts[2], parts[3].split(".")[0]
-        if (job_id, lease) not in leases:
+        if (job_id, lease) not in leases or await jobstore.attempt_gone(services.pool, lease):
             await storage.client.abort_multipart_upload(
                 Bucket=storage.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
             )
@@ -130,7 +131,9 @@ async def _abandoned_uploads(services: Services, counts: Counter[str]) -> None:
         parts = upload["Key"].split("/")
         if len(parts) != 5 or parts[4] != "errors.csv" or upload["Initiated"] > recent:
             continue
-        if (parts[2], parts[3]) not in leases:
+        if (parts[2], parts[3]) not in leases or await jobstore.attempt_gone(
+            services.pool, parts[3]
+        ):
             await storage.client.abort_multipart_upload(
                 Bucket=storage.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
             )

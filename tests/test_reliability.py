@@ -187,6 +187,56 @@ async def test_a_finish_that_committed_but_lost_its_answer_keeps_the_export(
     assert (await download(client, done)).count(b"\n") == 101
 
 
+async def test_a_killed_attempts_upload_is_aborted_before_its_heartbeat_goes_stale(
+    stack: Stack,
+    client: httpx.AsyncClient,
+    workers: list[subprocess.Popen[bytes]],
+    big_table: int,
+) -> None:
+    """SPEC: a killed attempt's unfinished upload is aborted within 60 s, and the heartbeat
+    timeout alone is 60 s by default: the reconciler sees that the attempt's process is gone."""
+    first = stack.start_worker()
+    workers.append(first)
+    job = (await client.post("/exports", json={"resource": "users", "compression": "gzip"})).json()
+    await running_with_rows(client, job["id"])
+    await poll(lambda: _uploads_for(stack, job["id"]), 30, "the export's multipart upload")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    # Its reconciler would re-run the job (and so replace its lease) only after 10 minutes.
+    workers.append(stack.start_worker(FERRY_HEARTBEAT_TIMEOUT_SECONDS="600"))
+    await poll(lambda: _no_uploads_for(stack, job["id"]), 30, "killed attempt's upload aborted")
+    still = (await client.get(f"/jobs/{job['id']}")).json()
+    assert (still["status"], still["attempts"]) == ("running", 1), still
+    await client.post(f"/jobs/{job['id']}/cancel")  # the session's worker ends it later
+
+
+async def test_an_attempt_is_gone_once_its_transaction_or_connection_is(
+    stack: Stack, pool: asyncpg.Pool
+) -> None:
+    """The attempt lock that tells the reconciler whether an upload's writer still lives."""
+    lease = uuid.uuid4()
+    assert await jobstore.attempt_gone(pool, lease)
+    con = await asyncpg.connect(stack.dsn)  # the attempt's own connection, as in a worker
+    try:
+        async with con.transaction():
+            await jobstore.hold_attempt_lock(con, lease)
+            assert not await jobstore.attempt_gone(pool, lease)
+            assert not await jobstore.attempt_gone(pool, str(lease))  # twice: the probe let go
+            assert await jobstore.attempt_gone(pool, uuid.uuid4())
+        assert await jobstore.attempt_gone(pool, lease)
+        await con.transaction().start()
+        await jobstore.hold_attempt_lock(con, lease)
+        assert not await jobstore.attempt_gone(pool, lease)
+        con.terminate()  # its process dies mid-transaction: PostgreSQL drops the lock
+        assert await poll(lambda: jobstore.attempt_gone(pool, lease), 10, "lock dropped")
+    finally:
+        con.terminate()
+
+
+async def _uploads_for(stack: Stack, job_id: str) -> bool:
+    return not await _no_uploads_for(stack, job_id)
+
+
 async def _no_uploads_for(stack: Stack, job_id: str) -> bool:
     return not [key for key in await open_uploads(stack) if job_id in key]
 
