@@ -451,17 +451,23 @@ async def mark_expired(con: Connection, job_id: uuid.UUID) -> None:
 
 
 async def fail_unleased(
-    con: Connection, job_id: uuid.UUID, error: dict[str, Any] | None, status: str = "failed"
+    con: Connection,
+    job_id: uuid.UUID,
+    lease: uuid.UUID,
+    error: dict[str, Any] | None,
+    status: str = "failed",
 ) -> Job | None:
-    """End a job no worker holds (out of attempts, or cancelled while its worker was dead)."""
+    """End a job whose attempt (`lease`) died: out of attempts, or cancelled meanwhile. None
+    when another attempt has claimed it since (a duplicate delivery): that one is alive."""
     return _job(
         await con.fetchrow(
             f"""UPDATE ferry.jobs
                 SET status = $3, error = $2, finished_at = now(), lease = NULL, seq = seq + 1
-                WHERE id = $1 AND status IN ('queued', 'running')
+                WHERE id = $1 AND lease = $4 AND status = 'running'
                 RETURNING {COLUMNS}""",
             job_id,
             error,
             status,
+            lease,
         )
     )

@@ -52,20 +52,22 @@ async def reconcile(services: Services) -> dict[str, int]:
 async def _stale_running(services: Services, counts: Counter[str]) -> None:
     settings = services.settings
     rows = await services.pool.fetch(
-        """SELECT id, attempts, cancel_requested FROM ferry.jobs
+        """SELECT id, lease, attempts, cancel_requested FROM ferry.jobs
            WHERE status = 'running' AND heartbeat_at < now() - make_interval(secs => $1)""",
         settings.heartbeat_timeout_seconds,
     )
     for row in rows:
         if row["cancel_requested"]:
-            job = await jobstore.fail_unleased(services.pool, row["id"], None, "cancelled")
+            job = await jobstore.fail_unleased(
+                services.pool, row["id"], row["lease"], None, "cancelled"
+            )
             counts["cancelled"] += 1
         elif row["attempts"] >= settings.job_max_attempts:
             error = {
                 "code": "attempts_exhausted",
                 "message": f"The worker running attempt {row['attempts']} stopped responding.",
             }
-            job = await jobstore.fail_unleased(services.pool, row["id"], error)
+            job = await jobstore.fail_unleased(services.pool, row["id"], row["lease"], error)
             counts["failed"] += 1
         else:
             await _enqueue(services, row["id"], None)

@@ -233,6 +233,32 @@ async def test_an_attempt_is_gone_once_its_transaction_or_connection_is(
         con.terminate()
 
 
+async def test_the_reconciler_never_ends_an_attempt_that_claimed_the_job_since(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, no_session_worker: None
+) -> None:
+    """Between the reconciler's read of a stale job and its write, a duplicate delivery may
+    claim the job: the end it writes is fenced by the dead attempt's lease."""
+    job_id = uuid.UUID((await client.post("/exports", json={"resource": "users"})).json()["id"])
+    dead, live = uuid.uuid4(), uuid.uuid4()
+    await pool.execute(
+        "UPDATE ferry.jobs SET status = 'running', lease = $2, attempts = 5,"
+        " heartbeat_at = now() - interval '1 hour' WHERE id = $1",
+        job_id,
+        dead,
+    )
+    await pool.execute(  # the duplicate delivery's claim
+        "UPDATE ferry.jobs SET lease = $2, heartbeat_at = now(), attempts = 6 WHERE id = $1",
+        job_id,
+        live,
+    )
+    error = {"code": "attempts_exhausted", "message": "stopped responding"}
+    assert await jobstore.fail_unleased(pool, job_id, dead, error) is None
+    job = await jobstore.get(pool, job_id)
+    assert job is not None and (job["status"], job["lease"]) == ("running", live)
+    ended = await jobstore.fail_unleased(pool, job_id, live, None, "cancelled")
+    assert ended is not None and ended["status"] == "cancelled"
+
+
 async def _uploads_for(stack: Stack, job_id: str) -> bool:
     return not await _no_uploads_for(stack, job_id)
 
