@@ -86,6 +86,8 @@ async def plain_bytes(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator
 
 async def decoded(chunks: AsyncIterator[bytes], encoding: str) -> AsyncIterator[str]:
     """Text in `encoding` (strict), without a leading byte order mark."""
+    if not codecs.lookup(encoding)._is_text_encoding:  # e.g. a job queued before the API refused
+        raise JobFailure("invalid_encoding", f"{encoding!r} is not a text encoding.")
     decoder = codecs.getincrementaldecoder(encoding)("strict")
     offset = 0
     first = True

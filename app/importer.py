@@ -243,8 +243,10 @@ async def copy_text(
 
     async def source() -> AsyncIterator[bytes]:
         nonlocal end_marker
+        last = ""  # the previous chunk's last character: a `\\.` may be cut between chunks
         async for chunk in text:
-            end_marker = end_marker or "\\." in chunk
+            end_marker = end_marker or "\\." in chunk or (last == "\\" and chunk[:1] == ".")
+            last = chunk[-1:] or last
             data = chunk.encode()
             yield data
             rows.feed(data)

@@ -162,9 +162,12 @@ class ImportParams(BaseModel):
     @classmethod
     def _known_encoding(cls, value: str) -> str:
         try:
-            return codecs.lookup(value).name
+            codec = codecs.lookup(value)
         except LookupError:
             raise ValueError(f"unknown encoding {value!r}") from None
+        if not codec._is_text_encoding:  # rot13, hex, zlib: not bytes to text (as str.encode)
+            raise ValueError(f"{value!r} is not a text encoding")
+        return codec.name
 
 
 class Progress(BaseModel):

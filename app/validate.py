@@ -86,14 +86,11 @@ def _numeric(column: Column) -> Checker:
 
 
 def _float(base: str) -> Checker:
-    name = "real" if base == "float4" else "double precision"
     limit = _FLOAT4_MAX if base == "float4" else float("inf")
 
     def check(text: str) -> Verdict:
         if _DECIMAL.match(text) is None:
-            if text.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
-                return UNSURE
-            return f'invalid input syntax for type {name}: "{text}"'
+            return UNSURE  # PostgreSQL (strtod) takes more: NaN, Infinity, hex such as 0x10
         value = float(text)
         if abs(value) >= limit or (value == 0 and any(c in "123456789" for c in text)):
             return UNSURE  # overflow or underflow: PostgreSQL's own rules decide
@@ -147,6 +144,8 @@ def _json(text: str) -> Verdict:
         json.loads(text, parse_constant=_reject_constant)
     except ValueError as e:
         return f"invalid input syntax for type json: {e}"
+    except RecursionError:  # nested deeper than Python's parser goes; PostgreSQL's goes further
+        return UNSURE
     return None
 
 

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from app import csvio, importer, validate
 from app.config import Settings
 from app.errors import JobFailure, LeaseLost
-from app.resources import Column
+from app.resources import Column, Resource
 from app.runner import JobRun
+from app.schemas import ImportParams
 from app.services import open_services
 from app.storage import Storage
 from tests.conftest import Stack, Tenant, next_ids, stop, wait_for_job
@@ -137,6 +138,12 @@ async def test_gzip_multi_member_and_bom_decoding() -> None:
     assert text == "a,b\né,2\n"
 
 
+async def test_decoding_with_a_codec_that_is_not_a_text_encoding_fails_cleanly() -> None:
+    with pytest.raises(JobFailure) as e:
+        [t async for t in csvio.decoded(_chunks(b"a,b\n"), "rot13")]
+    assert e.value.code == "invalid_encoding"
+
+
 def _column(type_: str, base: str, is_text: bool = False) -> Column:
     return Column("c", type_, base, True, False, is_text)
 
@@ -147,7 +154,7 @@ def _column(type_: str, base: str, is_text: bool = False) -> Column:
         ("smallint", "int2", ["1", " -32768 ", "+7"], ["32768", "1.5", "x", ""], []),
         ("bigint", "int8", ["9223372036854775807"], ["9223372036854775808"], []),
         ("numeric(12,2)", "numeric", ["1.005", "-9999999999.99", "1e3"], ["1e10", "abc"], ["NaN"]),
-        ("double precision", "float8", ["1.5", "-2e300"], ["1,5"], ["Infinity", "1e999"]),
+        ("double precision", "float8", ["1.5", "-2e300"], [], ["Infinity", "1e999", "1,5"]),
         ("boolean", "bool", ["t", "TRUE", "yes", "0", " off "], ["maybe", "o", "2"], []),
         ("date", "date", ["2024-02-29"], ["2023-02-29"], ["Jan 5 2024"]),
         ("timestamp with time zone", "timestamptz", ["2024-01-01T10:00:00Z"], [], ["now"]),
@@ -174,6 +181,22 @@ def test_varchar_checker_counts_characters_and_forgives_trailing_spaces() -> Non
     assert check("äöü") is None and check("abc   ") is None
     assert check("abcd") == "value too long for type character varying(3)"
     assert validate.checker(_column("text", "text", True)) is None
+
+
+@pytest.mark.parametrize("base", ["float4", "float8"])
+def test_float_texts_outside_the_simple_pattern_are_left_to_postgres(base: str) -> None:
+    """PostgreSQL's float input (strtod) takes hex and any case of Infinity and NaN."""
+    check = validate.checker(_column(base, base))
+    assert check is not None
+    for text in ("0x10", "0x1p3", " -INF ", "+Infinity", "nan", "1_000"):
+        assert check(text) is validate.UNSURE, text
+
+
+def test_json_nested_deeper_than_pythons_parser_is_left_to_postgres() -> None:
+    check = validate.checker(_column("jsonb", "jsonb"))
+    assert check is not None
+    assert check("[" * 3000 + "]" * 3000) is validate.UNSURE
+    assert check('{"a":' * 3000 + "1" + "}" * 3000) is validate.UNSURE
 
 
 # --- Modes -------------------------------------------------------------------------------------
@@ -544,6 +567,20 @@ async def test_clean_typed_file_takes_the_same_values_either_path(
     assert [dict(r) for r in slow] == [dict(r) for r in fast]
 
 
+async def test_the_validating_path_takes_what_postgres_takes(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    """A hex float and JSON nested past Python's parser, next to a bad row (validating path)."""
+    a = next_ids(3)
+    deep = "[" * 3000 + "]" * 3000
+    body = f"{AWKWARD}\n{a},x,,0x10,,,,,,,\n{a + 1},x,,,,,,,{deep},,\n{a + 2},x,zz,,,,,,,,\n"
+    job = await run_import(client, body, resource="awkward", on_error="skip")
+    assert job["status"] == "succeeded", (job["error"], job["result"])
+    assert error_codes(job) == [(4, "amount", "invalid_value")]
+    rows = await pool.fetch("SELECT id, ratio FROM awkward WHERE tenant_id = $1", tenant.name)
+    assert sorted(tuple(r) for r in rows) == [(a, 16.0), (a + 1, None)]
+
+
 async def test_a_ten_megabyte_field(
     client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
 ) -> None:
@@ -637,6 +674,17 @@ async def test_refused_import_requests_create_no_job(client: httpx.AsyncClient) 
         415,
         "unsupported_media_type",
     )
+    assert (await client.get("/jobs", params={"kind": "import"})).json()["items"] == []
+
+
+@pytest.mark.parametrize("encoding", ["rot13", "hex", "base64", "zlib"])
+async def test_a_codec_that_is_not_a_text_encoding_is_refused(
+    client: httpx.AsyncClient, encoding: str
+) -> None:
+    body = assert_problem(await upload(client, b"a\n", encoding=encoding), 422, "validation_error")
+    assert body["errors"][0]["field"] == "encoding"
+    json_body = {"resource": "users", "encoding": encoding}
+    assert_problem(await client.post("/imports", json=json_body), 422, "validation_error")
     assert (await client.get("/jobs", params={"kind": "import"})).json()["items"] == []
 
 
@@ -930,6 +978,75 @@ def test_an_endless_record_is_cut_off() -> None:
     with pytest.raises(JobFailure):
         for _ in range(100):
             list(splitter.feed("y" * 50))  # one endless physical line
+
+
+async def _texts(chunks: list[str]) -> AsyncIterator[str]:
+    for chunk in chunks:
+        yield chunk
+
+
+class _NoProgress:
+    async def report(self, *args: Any) -> None:
+        return None
+
+
+async def test_an_end_marker_is_seen_however_the_text_is_cut(pool: asyncpg.Pool) -> None:
+    """COPY ends its data at a `\\.` line and ignores the rest: the fast path must leave for
+    the validating path even when one chunk ends with the backslash and the next starts with
+    the dot."""
+    text = "a,b\n1,x\n\\.\n2,y\n3,z\n"
+    columns = [Column(name, "text", "text", True, False, True) for name in ("a", "b")]
+    resource = Resource("marker", "public", "marker", ("a",), tuple(columns), ("import",))
+    plan = importer.Plan(resource, ImportParams(resource="marker", mode="upsert"), "t", columns)
+    run = cast(JobRun, _NoProgress())
+    async with pool.acquire() as con, con.transaction():
+        await importer.create_tables(con, plan)
+        for cut in range(len(text) + 1):
+            with pytest.raises(importer._Fallback):
+                chunks = _texts([text[:cut], text[cut:]])
+                await importer.fast_load(con, run, plan, chunks, importer.Counter())
+
+
+async def test_an_end_marker_cut_between_reads_loses_no_row(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file read from S3 in two pieces, cut inside its `\\.` line: every row is either
+    written or reported, none silently dropped (upsert: the fast path COPYs the file as is)."""
+    a = next_ids(3)
+    data = f"{USERS}\n{a},A,B,1,\n\\.\n{a + 1},C,D,2,\n{a + 2},E,F,3,\n".encode()
+    params = {"resource": "users", "mode": "upsert", "on_error": "skip"}
+    job = (await client.post("/imports", json=params)).json()
+    async with httpx.AsyncClient(timeout=60) as plain:
+        await plain.put(job["upload_url"], content=data)
+    job_id, lease = uuid.UUID(job["id"]), uuid.uuid4()
+    await pool.execute(
+        "UPDATE ferry.jobs SET status = 'running', lease = $2,"
+        " heartbeat_at = now() + interval '1 hour' WHERE id = $1",  # never looks dead
+        job_id,
+        lease,
+    )
+    row = dict(await pool.fetchrow("SELECT * FROM ferry.jobs WHERE id = $1", job_id))
+    try:
+        async with open_services(Settings(), 4) as services:
+            read = services.storage.read
+
+            async def read_cut(key: str) -> AsyncIterator[bytes]:
+                whole = b"".join([chunk async for chunk in read(key)])
+                cut = whole.index(b"\\.") + 1
+                yield whole[:cut]
+                yield whole[cut:]
+
+            monkeypatch.setattr(services.storage, "read", read_cut)
+            done = await importer.run(_SilentRun(services, row))
+        assert done["status"] == "succeeded", done
+        assert (done["result"]["rows_total"], done["result"]["rows_failed"]) == (4, 1)
+        assert [r[0] for r in await users_of(pool, tenant)] == [a, a + 1, a + 2]
+    finally:
+        await pool.execute(
+            "UPDATE ferry.jobs SET status = 'cancelled', lease = NULL"
+            " WHERE id = $1 AND status = 'running'",
+            job_id,
+        )
 
 
 async def test_bad_bytes_deep_in_a_file_fail_the_whole_import(
