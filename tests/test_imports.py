@@ -1015,17 +1015,8 @@ async def test_an_end_marker_cut_between_reads_loses_no_row(
     a = next_ids(3)
     data = f"{USERS}\n{a},A,B,1,\n\\.\n{a + 1},C,D,2,\n{a + 2},E,F,3,\n".encode()
     params = {"resource": "users", "mode": "upsert", "on_error": "skip"}
-    job = (await client.post("/imports", json=params)).json()
-    async with httpx.AsyncClient(timeout=60) as plain:
-        await plain.put(job["upload_url"], content=data)
-    job_id, lease = uuid.UUID(job["id"]), uuid.uuid4()
-    await pool.execute(
-        "UPDATE ferry.jobs SET status = 'running', lease = $2,"
-        " heartbeat_at = now() + interval '1 hour' WHERE id = $1",  # never looks dead
-        job_id,
-        lease,
-    )
-    row = dict(await pool.fetchrow("SELECT * FROM ferry.jobs WHERE id = $1", job_id))
+    row = await _uploaded_and_leased(client, pool, params, data)
+    job_id = row["id"]
     try:
         async with open_services(Settings(), 4) as services:
             read = services.storage.read
@@ -1061,23 +1052,31 @@ async def test_bad_bytes_deep_in_a_file_fail_the_whole_import(
     assert await users_of(pool, tenant) == []
 
 
+async def _uploaded_and_leased(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, params: dict[str, Any], data: bytes
+) -> dict[str, Any]:
+    """An import job with its file uploaded, leased as if a worker ran it (for in-process runs)."""
+    job = (await client.post("/imports", json=params)).json()
+    async with httpx.AsyncClient(timeout=60) as plain:
+        await plain.put(job["upload_url"], content=data)
+    job_id = uuid.UUID(job["id"])
+    await pool.execute(
+        "UPDATE ferry.jobs SET status = 'running', lease = $2,"
+        " heartbeat_at = now() + interval '1 hour' WHERE id = $1",  # never looks dead
+        job_id,
+        uuid.uuid4(),
+    )
+    return dict(await pool.fetchrow("SELECT * FROM ferry.jobs WHERE id = $1", job_id))
+
+
 async def test_gzip_bomb_in_the_worker_path_fails_upload_too_large(
     client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
 ) -> None:
     """The data path itself, with a 1 MiB limit: 64 MiB of CSV in ~70 KB of gzip is cut off."""
     line = b"1,a,b,1,\n"
     bomb = gzip.compress(USERS.encode() + b"\n" + line * (64 * 1024 * 1024 // len(line)), 9)
-    job = (await client.post("/imports", json={"resource": "users"})).json()
-    async with httpx.AsyncClient(timeout=60) as plain:
-        await plain.put(job["upload_url"], content=bomb)
-    job_id, lease = uuid.UUID(job["id"]), uuid.uuid4()
-    await pool.execute(
-        "UPDATE ferry.jobs SET status = 'running', lease = $2,"
-        " heartbeat_at = now() + interval '1 hour' WHERE id = $1",  # never looks dead
-        job_id,
-        lease,
-    )
-    row = dict(await pool.fetchrow("SELECT * FROM ferry.jobs WHERE id = $1", job_id))
+    row = await _uploaded_and_leased(client, pool, {"resource": "users"}, bomb)
+    job_id = row["id"]
     try:
         async with open_services(Settings(max_upload_bytes=1024 * 1024), 4) as services:
             with pytest.raises(JobFailure) as e:
