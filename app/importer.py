@@ -591,13 +591,20 @@ async def count_written(con: asyncpg.Connection, plan: Plan) -> tuple[int, int]:
     staged: int = await con.fetchval(f"SELECT count(*) FROM {STAGE}")
     if plan.params.mode != "upsert" or not plan.keys:
         return staged, 0
+    updated = await _existing_keys(con, plan)
+    return staged - updated, updated
+
+
+async def _existing_keys(con: asyncpg.Connection, plan: Plan) -> int:
+    """How many distinct staged keys are already the tenant's rows."""
     mine, args = _mine(plan)
-    updated: int = await con.fetchval(
-        f"""SELECT count(*) FROM {STAGE} s
-            WHERE EXISTS (SELECT 1 FROM {plan.resource.sql} t WHERE {mine})""",
+    keys = ", ".join(f"s.{k.sql}" for k in plan.keys)
+    found: int = await con.fetchval(
+        f"""SELECT count(*) FROM (SELECT DISTINCT {keys} FROM {STAGE} s
+            WHERE EXISTS (SELECT 1 FROM {plan.resource.sql} t WHERE {mine})) k""",
         *args,
     )
-    return staged - updated, updated
+    return found
 
 
 async def first_errors(con: asyncpg.Connection) -> list[dict[str, Any]]:
@@ -653,7 +660,11 @@ async def write(
                 return 0, updated
         inserted, also_updated = await _insert(con, plan, new_only=updated > 0)
         return inserted, updated + also_updated
-    except (asyncpg.IntegrityConstraintViolationError, asyncpg.CardinalityViolationError) as e:
+    except (
+        asyncpg.IntegrityConstraintViolationError,
+        asyncpg.CardinalityViolationError,
+        asyncpg.ProgramLimitExceededError,  # a value too large for one of the table's indexes
+    ) as e:
         if fast:
             raise _Fallback(str(e)) from None
         detail = f" ({e.detail})" if getattr(e, "detail", None) else ""
@@ -724,6 +735,7 @@ async def _insert(con: asyncpg.Connection, plan: Plan, new_only: bool) -> tuple[
     if new_only:
         mine, _ = _mine(plan, "u")
         sql += f" WHERE NOT EXISTS (SELECT 1 FROM {resource.sql} u WHERE {mine})"
+    unchanged = 0
     if plan.params.mode == "upsert":
         conflict = ", ".join(quote_ident(c) for c in resource.conflict_columns)
         updates = [c.sql for c in _updated_columns(plan)]
@@ -732,13 +744,16 @@ async def _insert(con: asyncpg.Connection, plan: Plan, new_only: bool) -> tuple[
             where = f" WHERE t.{tenant.sql} = $1" if tenant is not None else ""
             sql += f" ON CONFLICT ({conflict}) DO UPDATE SET {sets}{where}"
         else:
+            # Nothing to set but the key: the tenant's rows with a staged key count as updated
+            # (as a dry run counts them), once per key, so a key twice in the file still shows.
+            unchanged = await _existing_keys(con, plan)
             sql += f" ON CONFLICT ({conflict}) DO NOTHING"
     sql = f"""WITH written AS ({sql} RETURNING (t.xmax = 0) AS inserted)
               SELECT count(*) FILTER (WHERE inserted) AS inserted,
                      count(*) FILTER (WHERE NOT inserted) AS updated
               FROM written"""
     counts = await con.fetchrow(sql, *args)
-    return counts["inserted"], counts["updated"]
+    return counts["inserted"], counts["updated"] + unchanged
 
 
 # --- The job ---------------------------------------------------------------------------------
@@ -860,7 +875,12 @@ async def _stage(
                     total, counts = await _fast_path(con, run, plan, text, counter)
                     log.info("import_staged", path="copy", rows=total, seconds=_since(started))
                     return plan, total, counts
-            except (_Fallback, asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as e:
+            except (
+                _Fallback,
+                asyncpg.DataError,
+                asyncpg.IntegrityConstraintViolationError,
+                asyncpg.ProgramLimitExceededError,
+            ) as e:
                 reason = str(e) or type(e).__name__
                 where = getattr(e, "context", None)  # "COPY ..., line 3, column qty: ..."
                 log.info(

@@ -3,6 +3,7 @@
 import asyncio
 import csv
 import gzip
+import hashlib
 import io
 import time
 import uuid
@@ -422,6 +423,42 @@ async def test_dry_run_counts_and_writes_nothing(
     assert (r["rows_total"], r["rows_inserted"], r["rows_updated"]) == (2 + bad, 1, 1)
     assert r["rows_failed"] == bad
     assert await table_dump(pool) == before
+
+
+async def test_an_upsert_of_key_columns_only_counts_what_its_dry_run_counts(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant
+) -> None:
+    """Nothing to update but the key: an existing key is counted updated (as it stands), in the
+    real run as in the dry run, and every row is counted once."""
+    job = await run_import(client, "code\nx\ny\n", resource="items", mode="insert")
+    assert job["status"] == "succeeded", job["error"]
+    body = "code\nx\ny\nz\n"
+    counts = []
+    for dry_run in (True, False):
+        job = await run_import(client, body, resource="items", mode="upsert", dry_run=dry_run)
+        assert job["status"] == "succeeded", (job["error"], job["result"])
+        r = job["result"]
+        counts.append((r["rows_total"], r["rows_inserted"], r["rows_updated"], r["rows_failed"]))
+    assert counts == [(3, 1, 2, 0)] * 2
+    codes = await pool.fetch("SELECT code FROM scoped_items WHERE tenant_id = $1", tenant.name)
+    assert sorted(r["code"] for r in codes) == ["x", "y", "z"]
+
+
+@pytest.mark.parametrize("mode", ["insert", "upsert"])
+async def test_a_key_too_large_for_its_index_fails_with_a_clear_code(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, tenant: Tenant, mode: str
+) -> None:
+    """A key past the btree entry limit (~2.7 kB): the job says which limit, writes nothing."""
+    huge = "".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(100))  # 6.4 kB
+    body = f"code,qty\nsmall,1\n{huge},2\n"
+    job = await run_import(client, body, resource="items", mode=mode, on_error="skip")
+    assert job["status"] == "failed", job["result"]
+    assert job["error"]["code"] == "constraint_violation", job["error"]
+    assert "index row size" in job["error"]["message"], job["error"]
+    rows = await pool.fetchval(
+        "SELECT count(*) FROM scoped_items WHERE tenant_id = $1", tenant.name
+    )
+    assert rows == 0
 
 
 # --- File-level failures and row error codes ---------------------------------------------------
