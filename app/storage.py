@@ -22,6 +22,10 @@ from app.config import Settings
 log = structlog.get_logger(__name__)
 
 MIN_PART_SIZE = 5 * 1024 * 1024
+MAX_PART_SIZE = 5 * 1024 * 1024 * 1024
+# S3 takes at most 10,000 parts per upload. The part size doubles every 1,000 parts, so that
+# 8 MiB parts reach about 8 TiB (S3's objects stop at 5 TiB) instead of failing at 78 GiB.
+PARTS_PER_SIZE = 1000
 READ_CHUNK = 512 * 1024
 
 
@@ -147,6 +151,9 @@ class MultipartWriter:
     Use as `async with storage.writer(...) as w: await w.write(b)`: on a clean exit the upload is
     completed (or, when it fits in one part, written with a single PUT); on any exception or
     cancellation it is aborted, shielded so that a cancel cannot skip the abort.
+
+    Parts in flight are bounded by bytes: `parts_in_flight` parts of the first size. Once the
+    parts grow (past 1,000 parts), fewer are in flight, and always at least one.
     """
 
     def __init__(
@@ -154,7 +161,7 @@ class MultipartWriter:
     ) -> None:
         self.storage = storage
         self.key = key
-        self.part_size = max(part_size, MIN_PART_SIZE)
+        self.first_part_size = max(part_size, MIN_PART_SIZE)
         self.content_type = content_type
         self.bytes_written = 0
         # The part being gathered. A BytesIO written to (never built from bytes) is handed to
@@ -166,7 +173,9 @@ class MultipartWriter:
         self._upload_id: str | None = None
         self._parts: dict[int, str] = {}
         self._part_count = 0
-        self._slots = asyncio.Semaphore(parts_in_flight)
+        self._budget = self.first_part_size * parts_in_flight  # bytes in flight at most
+        self._in_flight = 0
+        self._room = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
         self._error: BaseException | None = None
 
@@ -183,6 +192,12 @@ class MultipartWriter:
                 raise
         await asyncio.shield(self._abort())
 
+    @property
+    def part_size(self) -> int:
+        """The size of the part being gathered."""
+        growth = self._part_count // PARTS_PER_SIZE
+        return min(self.first_part_size << growth, MAX_PART_SIZE)
+
     async def write(self, data: bytes) -> None:
         if self._error is not None:
             raise self._error
@@ -197,11 +212,16 @@ class MultipartWriter:
                 Bucket=self.storage.bucket, Key=self.key, ContentType=self.content_type
             )
             self._upload_id = created["UploadId"]
+        size = self.part_size  # counted at its nominal size: a part overshoots it by one chunk
         body = self._take()
         self._part_count += 1
         number = self._part_count
-        await self._slots.acquire()  # back pressure: at most N parts in flight
-        task = asyncio.create_task(self._upload_part(number, body))
+        async with self._room:  # back pressure: the bytes in flight stay within the budget
+            await self._room.wait_for(
+                lambda: self._in_flight == 0 or self._in_flight + size <= self._budget
+            )
+            self._in_flight += size
+        task = asyncio.create_task(self._upload_part(number, body, size))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -210,7 +230,7 @@ class MultipartWriter:
         body.seek(0)
         return body
 
-    async def _upload_part(self, number: int, body: io.BytesIO) -> None:
+    async def _upload_part(self, number: int, body: io.BytesIO, size: int) -> None:
         try:
             response = await self.storage.client.upload_part(
                 Bucket=self.storage.bucket,
@@ -224,7 +244,9 @@ class MultipartWriter:
             self._error = e
             raise
         finally:
-            self._slots.release()
+            async with self._room:
+                self._in_flight -= size
+                self._room.notify_all()
 
     async def _finish(self) -> None:
         if self._upload_id is None:

@@ -5,6 +5,7 @@ import gzip
 import io
 import json
 import uuid
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,7 +13,9 @@ import asyncpg
 import httpx
 import pytest
 
+from app import storage as s3
 from app.export import RowCounter
+from app.storage import Storage
 from tests.conftest import Stack, Tenant, next_ids, wait_for_job
 
 AWKWARD_ROWS: list[tuple[Any, ...]] = [
@@ -417,3 +420,45 @@ async def test_a_million_rows_export_exactly(
     assert body.count(b"\n") == 1_000_001
     assert job["result"]["rows"] == 1_000_000 == job["progress"]["rows"]
     await pool.execute("DELETE FROM public.users WHERE tenant_id = $1", tenant.name)
+
+
+async def test_parts_grow_every_thousand_and_bytes_in_flight_stay_within_budget(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3 takes 10,000 parts: sizes double every PARTS_PER_SIZE parts (2 here, 1,000 in use),
+    and larger parts mean fewer in flight, never none."""
+    monkeypatch.setattr(s3, "PARTS_PER_SIZE", 2)
+    mib = 1024 * 1024
+    started: list[tuple[int, int, int]] = []  # (part number, its size, bytes already in flight)
+    in_flight = 0
+    async with AsyncExitStack() as exit_stack:
+        storage = await Storage.open(stack.settings, exit_stack)
+        upload_part = storage.client.upload_part
+
+        async def counted(**kwargs: Any) -> Any:
+            nonlocal in_flight
+            size = len(kwargs["Body"].getbuffer())
+            started.append((kwargs["PartNumber"], size, in_flight))
+            in_flight += size
+            try:
+                return await upload_part(**kwargs)
+            finally:
+                in_flight -= size
+
+        monkeypatch.setattr(storage.client, "upload_part", counted)
+        key = f"test/{uuid.uuid4()}.bin"
+        async with storage.writer(key, 5 * mib, 2, "application/octet-stream") as writer:
+            for _ in range(51):
+                await writer.write(b"x" * mib)
+        assert await storage.size(key) == 51 * mib
+        await storage.delete(key)
+    assert sorted((n, size // mib) for n, size, _ in started) == [
+        (1, 5),
+        (2, 5),
+        (3, 10),
+        (4, 10),
+        (5, 20),
+        (6, 1),
+    ]
+    budget = 2 * 5 * mib
+    assert all(before == 0 or before + size <= budget for _, size, before in started), started
