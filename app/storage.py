@@ -188,7 +188,9 @@ class MultipartWriter:
                 await self._finish()
                 return
             except BaseException:
-                await asyncio.shield(self._abort())
+                # The PUT or the completion may have taken effect before its answer was lost
+                # (a cancel, a dropped connection): then an object exists that nobody names.
+                await asyncio.shield(self._abort(written=True))
                 raise
         await asyncio.shield(self._abort())
 
@@ -265,14 +267,18 @@ class MultipartWriter:
             MultipartUpload={"Parts": parts},
         )
 
-    async def _abort(self) -> None:
+    async def _abort(self, written: bool = False) -> None:
         for task in list(self._tasks):
             task.cancel()
         with contextlib.suppress(BaseException):
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        if self._upload_id is None:
-            return
-        try:
-            await self.storage._abort(self.key, self._upload_id)
-        except Exception:
-            log.warning("multipart_abort_failed", key=self.key, exc_info=True)
+        if self._upload_id is not None:
+            try:
+                await self.storage._abort(self.key, self._upload_id)
+            except Exception:
+                log.warning("multipart_abort_failed", key=self.key, exc_info=True)
+        if written:
+            try:
+                await self.storage.delete(self.key)
+            except Exception:
+                log.warning("object_delete_failed", key=self.key, exc_info=True)

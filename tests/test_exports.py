@@ -462,3 +462,26 @@ async def test_parts_grow_every_thousand_and_bytes_in_flight_stay_within_budget(
     ]
     budget = 2 * 5 * mib
     assert all(before == 0 or before + size <= budget for _, size, before in started), started
+
+
+@pytest.mark.parametrize("mib", [1, 6])  # one PUT, or a multipart upload (5 MiB parts)
+async def test_a_write_whose_answer_is_lost_leaves_no_object(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, mib: int
+) -> None:
+    """The PUT or the completion takes effect, then its answer is lost: the writer fails, and
+    the object it made (that no job will name) is deleted."""
+    async with AsyncExitStack() as exit_stack:
+        storage = await Storage.open(stack.settings, exit_stack)
+        for name in ("put_object", "complete_multipart_upload"):
+
+            async def lost(*, _real: Any = getattr(storage.client, name), **kwargs: Any) -> Any:
+                await _real(**kwargs)
+                raise ConnectionResetError("the answer was lost")
+
+            monkeypatch.setattr(storage.client, name, lost)
+        key = f"test/{uuid.uuid4()}.bin"
+        with pytest.raises(ConnectionResetError):
+            async with storage.writer(key, 5 * 1024 * 1024, 2, "text/csv") as writer:
+                await writer.write(b"x" * mib * 1024 * 1024)
+        assert await storage.size(key) is None
+        assert key not in await storage.open_uploads("test/")
