@@ -115,28 +115,27 @@ async def _abandoned_uploads(services: Services, counts: Counter[str]) -> None:
         )
     }
     recent = datetime.now(UTC) - timedelta(seconds=5)
-    response = await storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix="exports/")
-    for upload in response.get("Uploads", []):
-        parts = upload["Key"].split("/")
-        if len(parts) != 4 or upload["Initiated"] > recent:
-            continue
-        job_id, lease = parts[2], parts[3].split(".")[0]
-        if (job_id, lease) not in leases or await jobstore.attempt_gone(services.pool, lease):
-            await storage.client.abort_multipart_upload(
-                Bucket=storage.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-            )
-            counts["uploads_aborted"] += 1
-    # Import error reports: imports/{tenant}/{job}/{lease}/errors.csv (the uploaded files,
-    # imports/{tenant}/{job}/upload, are aborted by the API process that streams them).
-    response = await storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix="imports/")
-    for upload in response.get("Uploads", []):
-        parts = upload["Key"].split("/")
-        if len(parts) != 5 or parts[4] != "errors.csv" or upload["Initiated"] > recent:
-            continue
-        if (parts[2], parts[3]) not in leases or await jobstore.attempt_gone(
-            services.pool, parts[3]
-        ):
-            await storage.client.abort_multipart_upload(
-                Bucket=storage.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-            )
-            counts["uploads_aborted"] += 1
+    for prefix in ("exports/", "imports/"):
+        response = await storage.client.list_multipart_uploads(Bucket=storage.bucket, Prefix=prefix)
+        for upload in response.get("Uploads", []):
+            attempt = _attempt_of(upload["Key"])
+            if attempt is None or upload["Initiated"] > recent:
+                continue
+            if attempt not in leases or await jobstore.attempt_gone(services.pool, attempt[1]):
+                await storage.client.abort_multipart_upload(
+                    Bucket=storage.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+                counts["uploads_aborted"] += 1
+
+
+def _attempt_of(key: str) -> tuple[str, str] | None:
+    """(job id, lease) of an object one attempt writes: an export, exports/{tenant}/{job}/
+    {lease}.{ext}, or an import's error report, imports/{tenant}/{job}/{lease}/errors.csv (the
+    uploaded files, imports/{tenant}/{job}/upload, are aborted by the API process that streams
+    them)."""
+    parts = key.split("/")
+    if parts[0] == "exports" and len(parts) == 4:
+        return parts[2], parts[3].split(".")[0]
+    if parts[0] == "imports" and len(parts) == 5 and parts[4] == "errors.csv":
+        return parts[2], parts[3]
+    return None
