@@ -84,9 +84,15 @@ async def plain_bytes(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator
     gunzip.close()
 
 
+def is_text_encoding(encoding: str) -> bool:
+    """Whether a codec decodes bytes to text: not rot13, hex, base64, zlib (as `str.encode`
+    refuses them). Raises LookupError for an unknown name."""
+    return bool(codecs.lookup(encoding)._is_text_encoding)
+
+
 async def decoded(chunks: AsyncIterator[bytes], encoding: str) -> AsyncIterator[str]:
     """Text in `encoding` (strict), without a leading byte order mark."""
-    if not codecs.lookup(encoding)._is_text_encoding:  # e.g. a job queued before the API refused
+    if not is_text_encoding(encoding):  # e.g. a job queued before the API refused such codecs
         raise JobFailure("invalid_encoding", f"{encoding!r} is not a text encoding.")
     decoder = codecs.getincrementaldecoder(encoding)("strict")
     offset = 0

@@ -16,6 +16,8 @@ from pydantic import (
     model_validator,
 )
 
+from app import csvio
+
 Kind = Literal["export", "import"]
 Status = Literal["awaiting_upload", "queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -162,12 +164,11 @@ class ImportParams(BaseModel):
     @classmethod
     def _known_encoding(cls, value: str) -> str:
         try:
-            codec = codecs.lookup(value)
+            if not csvio.is_text_encoding(value):
+                raise ValueError(f"{value!r} is not a text encoding")
         except LookupError:
             raise ValueError(f"unknown encoding {value!r}") from None
-        if not codec._is_text_encoding:  # rot13, hex, zlib: not bytes to text (as str.encode)
-            raise ValueError(f"{value!r} is not a text encoding")
-        return codec.name
+        return codecs.lookup(value).name
 
 
 class Progress(BaseModel):
